@@ -1,0 +1,224 @@
+"""Which parameters are pruned, how, and how sparse the result is.
+
+A spec maps regular expressions to ``(kind, ratio)``. A pattern is matched *in full*
+against the '/'-joined path of a parameter leaf, e.g. ``"conv1/kernel"`` or
+``"Dense_.*/kernel"`` for a flax.linen params dict (the ``.value`` attribute of a flax.nnx
+Variable is not part of the path). Every pattern must match at least one leaf and no leaf
+may be matched by two patterns: both mistakes are errors, not silent no-ops.
+
+    spec = sparsity.spec({"conv1/kernel": ("filter", 0.8), "fc.*/kernel": ("irregular", 0.99)})
+    params, masks = sparsity.hard_prune(params, spec)
+    print(sparsity.format_report(sparsity.report(params, spec)))
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from admm_jax import projections
+
+Params = Any
+
+
+class Rule(NamedTuple):
+  """How one parameter leaf is pruned."""
+  kind: str              # "irregular", "filter", "column" or "n:m"
+  ratio: float | None    # fraction of groups removed (None for n:m)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsitySpec:
+  """An ordered, validated tuple of (pattern, rule) pairs. Build it with `spec`."""
+  rules: tuple[tuple[str, Rule], ...]
+
+  def __repr__(self) -> str:
+    inner = ", ".join(f"{p!r}: {tuple(r)!r}" for p, r in self.rules)
+    return f"spec({{{inner}}})"
+
+
+def spec(mapping: Mapping[str, tuple[str, float | None]] | SparsitySpec) -> SparsitySpec:
+  """Validates and freezes a {pattern: (kind, ratio)} mapping.
+
+  Raises:
+    ValueError: naming the pattern, for a bad regex, an unknown kind or a ratio outside [0, 1).
+  """
+  if isinstance(mapping, SparsitySpec):
+    return mapping
+  if not isinstance(mapping, Mapping) or not mapping:
+    raise ValueError(f"spec needs a non-empty mapping {{pattern: (kind, ratio)}}, got {mapping!r}.")
+  rules = []
+  for pattern, value in mapping.items():
+    if not isinstance(pattern, str):
+      raise ValueError(f"pattern {pattern!r} must be a string (a regex over '/'-joined paths).")
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {e}.") from None
+    if isinstance(value, str) or not isinstance(value, (tuple, list)) or len(value) != 2:
+      raise ValueError(f"pattern {pattern!r} needs a (kind, ratio) pair, got {value!r}, e.g. "
+                       "('filter', 0.8) or ('2:4', None).")
+    kind, ratio = value
+    projections.validate(kind, ratio, where=f"pattern {pattern!r}")
+    rules.append((pattern, Rule(kind, None if ratio is None else float(ratio))))
+  return SparsitySpec(tuple(rules))
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+  """'/'-joined names of a pytree key path; a trailing nnx ``.value`` attribute is dropped."""
+  names = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      names.append(str(key.key))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      names.append(key.name)
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      names.append(str(key.idx))
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      names.append(str(key.key))
+    else:
+      names.append(str(key))
+  if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
+    names.pop()
+  return "/".join(names)
+
+
+def leaf_paths(params: Params) -> list[str]:
+  """The '/'-joined path of every leaf, in tree order."""
+  return [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def _rule_for(path: str, shape: tuple[int, ...], the_spec: SparsitySpec) -> Rule | None:
+  hits = [(p, r) for p, r in the_spec.rules if re.fullmatch(p, path)]
+  if len(hits) > 1:
+    raise ValueError(f"parameter {path!r} is matched by both {hits[0][0]!r} and {hits[1][0]!r}: "
+                     "make the patterns disjoint.")
+  if not hits:
+    return None
+  projections.validate(hits[0][1].kind, hits[0][1].ratio, shape, where=f"parameter {path!r}")
+  return hits[0][1]
+
+
+def rules_tree(params: Params, the_spec: SparsitySpec) -> Params:
+  """A pytree like `params` whose leaves are the leaf's `Rule`, or None where it is not pruned.
+
+  Raises:
+    ValueError: a pattern matching no leaf (listing the available paths), a leaf matched by
+      two patterns, or a kind that does not fit the leaf's shape.
+  """
+  the_spec = spec(the_spec)
+  if params is None:
+    raise ValueError("params is None: the sparsity spec needs the parameters to resolve against.")
+  paths = leaf_paths(params)
+  for pattern, _ in the_spec.rules:
+    if not any(re.fullmatch(pattern, p) for p in paths):
+      shown = ", ".join(paths[:20]) + (", ..." if len(paths) > 20 else "")
+      raise ValueError(f"pattern {pattern!r} matches no parameter; patterns match the whole "
+                       f"'/'-joined path, available: {shown}.")
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: _rule_for(path_str(p), tuple(np.shape(x)), the_spec), params)
+
+
+def resolve(params: Params, the_spec: SparsitySpec) -> dict[str, Rule]:
+  """{path: Rule} for every pruned leaf of `params` (see `rules_tree` for the errors)."""
+  tree = rules_tree(params, the_spec)
+  flat = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None or isinstance(x, Rule))
+  return {path_str(p): r for p, r in flat if r is not None}
+
+
+def _is_rule_leaf(x: Any) -> bool:
+  return x is None or isinstance(x, Rule)
+
+
+def map_pruned(fn, rules: Params, *trees: Params, default=None) -> Params:
+  """Maps ``fn(rule, *leaves)`` over pruned leaves; others become ``default(*leaves)`` (or None)."""
+  def one(rule, *leaves):
+    if rule is None:
+      return None if default is None else default(*leaves)
+    return fn(rule, *leaves)
+  return jax.tree.map(one, rules, *trees, is_leaf=_is_rule_leaf)
+
+
+def masks(params: Params, the_spec: SparsitySpec) -> Params:
+  """Keep-masks of the projection of every pruned leaf; None for the other leaves."""
+  return map_pruned(lambda r, w: projections.mask(w, r.kind, r.ratio),
+                    rules_tree(params, the_spec), params)
+
+
+def hard_prune(params: Params, the_spec: SparsitySpec) -> tuple[Params, Params]:
+  """Projects every pruned leaf onto its sparsity set: W = Proj(W).
+
+  Returns:
+    (pruned params, masks): masks has the params' structure, a bool array for every pruned
+    leaf and None for the others; pass it to `transforms.apply_masks` for masked retraining.
+  """
+  the_masks = masks(params, the_spec)
+  pruned = jax.tree.map(lambda m, w: w if m is None else w * m.astype(w.dtype),
+                        the_masks, params, is_leaf=lambda x: x is None)
+  return pruned, the_masks
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+  kind: str
+  target: float | None     # ratio asked (None for n:m)
+  groups: int
+  groups_pruned: int       # groups whose weights are all exactly zero
+  achieved: float          # groups_pruned / groups
+  params: int
+  nonzero: int
+  zero_fraction: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  layers: dict[str, LayerReport]
+  total_params: int        # every leaf, pruned or not (biases, BatchNorm, ...)
+  nonzero_params: int
+  compression: float       # total_params / nonzero_params
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"layers": {k: dataclasses.asdict(v) for k, v in self.layers.items()},
+            "total_params": self.total_params, "nonzero_params": self.nonzero_params,
+            "compression": self.compression}
+
+
+def _group_count_zero(w: np.ndarray, kind: str) -> tuple[int, int]:
+  if projections.parse_n_m(kind) is not None or kind == "irregular":
+    return w.size, int((w == 0).sum())
+  norms = np.asarray(projections.group_sq_norms(w, kind))
+  return norms.size, int((norms == 0).sum())
+
+
+def report(params: Params, the_spec: SparsitySpec) -> Report:
+  """Per-layer and global sparsity of `params` under `the_spec` (computed on the host)."""
+  rules = jax.tree.leaves(rules_tree(params, the_spec), is_leaf=_is_rule_leaf)
+  layers, total, nonzero_total = {}, 0, 0
+  for (path, leaf), rule in zip(jax.tree_util.tree_leaves_with_path(params), rules):
+    w = np.asarray(leaf).astype(np.float32)
+    nonzero = int(np.count_nonzero(w))
+    total, nonzero_total = total + w.size, nonzero_total + nonzero
+    if rule is not None:
+      groups, pruned = _group_count_zero(w, rule.kind)
+      layers[path_str(path)] = LayerReport(rule.kind, rule.ratio, groups, pruned, pruned / groups,
+                                           int(w.size), nonzero, 1.0 - nonzero / max(w.size, 1))
+  return Report(layers, int(total), nonzero_total, total / max(nonzero_total, 1))
+
+
+def format_report(rep: Report) -> str:
+  """A fixed-width table of a `Report`, one row per pruned layer and a total line."""
+  width = max([len(k) for k in rep.layers] + [5])
+  lines = [f"{'layer':<{width}}  {'kind':<9} {'target':>6} {'groups':>14} {'achieved':>8} "
+           f"{'zeros':>7} {'params':>10}"]
+  for path, r in rep.layers.items():
+    target = "-" if r.target is None else f"{r.target:.3f}"
+    lines.append(f"{path:<{width}}  {r.kind:<9} {target:>6} "
+                 f"{r.groups_pruned:>6}/{r.groups:<7} {r.achieved:>8.3f} {r.zero_fraction:>7.3f} "
+                 f"{r.params:>10}")
+  lines.append(f"total {rep.total_params} params, {rep.nonzero_params} nonzero: "
+               f"compression {rep.compression:.2f}x")
+  return "\n".join(lines)

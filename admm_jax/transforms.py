@@ -1,0 +1,211 @@
+"""optax transforms for ADMM pruning and masked retraining.
+
+Compose them with any optax optimizer, model and training loop:
+
+    tx = optax.chain(admm(spec, rho=1e-3, update_every=steps_per_admm_epoch, rho_growth=1.3),
+                     optax.sgd(admm_lr_schedule(0.01, steps_per_admm_epoch), momentum=0.9))
+    ...                                              # train; ADMM lives in the optimizer state
+    params, masks = sparsity.hard_prune(params, spec)
+    tx = optax.chain(optax.adamw(1e-3), apply_masks(masks))
+
+`admm` goes FIRST in the chain: it edits the loss gradient (adds the penalty's gradient), so
+the optimizer that follows sees the gradient of the augmented Lagrangian. `apply_masks` goes
+LAST: it edits the final update, so nothing placed before it (momentum, weight decay,
+schedules, MultiSteps) can move a pruned weight.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from admm_jax import projections, sparsity
+
+Params = Any
+
+
+class ADMMState(NamedTuple):
+  """ADMM variables kept in the optimizer state, so that checkpoints and sharding get them free."""
+  count: jax.Array   # int32: update calls seen
+  rho: jax.Array     # float32: current penalty weight (grows by rho_growth at each Z/U update)
+  z: optax.Params    # projected copy of each pruned leaf (optax.MaskedNode for unpruned leaves)
+  u: optax.Params    # scaled dual variable of each pruned leaf (MaskedNode for unpruned leaves)
+
+
+class ApplyMasksState(NamedTuple):
+  """The keep-masks, kept in the optimizer state so that they are saved and sharded like params."""
+  masks: optax.Params  # bool array per pruned leaf, optax.MaskedNode elsewhere
+
+
+def _is_node_leaf(x: Any) -> bool:
+  return x is None or isinstance(x, (sparsity.Rule, optax.MaskedNode))
+
+
+def _check_params(params: Params, where: str) -> None:
+  if params is None:
+    raise ValueError(f"{where} needs the current params: call update(grads, state, params) "
+                     "(optax.chain passes them through; pass params= to the chain's update).")
+
+
+def admm(spec: sparsity.SparsitySpec | dict, *, rho: float, update_every: int,
+         rho_growth: float = 1.0) -> optax.GradientTransformation:
+  """ADMM for pruning: adds rho (W - Z + U) to the gradient of every pruned leaf.
+
+  The augmented Lagrangian is f(W) + sum_i rho/2 ||W_i - Z_i + U_i||^2 with Z_i constrained
+  to the sparsity set of leaf i. This transform adds the penalty's gradient to the incoming
+  (loss) gradient and performs the Z- and U-steps itself.
+
+  init(params): Z = Proj(W), U = 0, count = 0.
+  update(grads, state, params): if the incoming count is a positive multiple of
+  `update_every`, first rho *= rho_growth, Z = Proj(W + U), U = U + W - Z with W = params
+  (the latest weights); then grads += rho (W - Z + U) on pruned leaves; count += 1.
+  The scaled dual U is not rescaled when rho grows (as in the reference recipe).
+
+  Args:
+    spec: a `sparsity.spec` (or the mapping it takes) naming the pruned leaves.
+    rho: initial penalty weight, > 0.
+    update_every: Z/U update period in update calls (e.g. steps per ADMM epoch times epochs).
+    rho_growth: factor applied to rho at each Z/U update (the reference "multi rho": 1.3).
+
+  Returns:
+    An optax.GradientTransformation whose state is `ADMMState`; it requires params.
+  """
+  spec = sparsity.spec(spec)
+  if not rho > 0:
+    raise ValueError(f"admm: rho must be > 0, got {rho!r}.")
+  if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+    raise ValueError(f"admm: update_every must be a positive integer (update calls between "
+                     f"Z/U updates), got {update_every!r}.")
+  if not rho_growth > 0:
+    raise ValueError(f"admm: rho_growth must be > 0 (1.0 keeps rho fixed), got {rho_growth!r}.")
+
+  def init_fn(params):
+    _check_params(params, "admm.init")
+    rules = sparsity.rules_tree(params, spec)
+    z = sparsity.map_pruned(lambda r, w: projections.project(w, r.kind, r.ratio), rules, params,
+                            default=lambda _: optax.MaskedNode())
+    u = sparsity.map_pruned(lambda r, w: jnp.zeros_like(w), rules, params,
+                            default=lambda _: optax.MaskedNode())
+    return ADMMState(count=jnp.zeros([], jnp.int32), rho=jnp.asarray(rho, jnp.float32), z=z, u=u)
+
+  def update_fn(updates, state, params=None):
+    _check_params(params, "admm.update")
+    rules = sparsity.rules_tree(params, spec)
+
+    def zu_step(operand):
+      z, u = operand
+      masked = lambda *_: optax.MaskedNode()
+      z_new = sparsity.map_pruned(lambda r, w, uu: projections.project(w + uu, r.kind, r.ratio),
+                                  rules, params, u, default=masked)
+      u_new = sparsity.map_pruned(lambda r, w, uu, zz: uu + w - zz, rules, params, u, z_new,
+                                  default=masked)
+      return z_new, u_new
+
+    do_zu = (state.count > 0) & (state.count % update_every == 0)
+    # lax.cond: the projections (the costly part) run only on Z/U steps.
+    z, u = jax.lax.cond(do_zu, zu_step, lambda operand: operand, (state.z, state.u))
+    new_rho = jnp.where(do_zu, state.rho * rho_growth, state.rho)
+
+    def add_penalty(zz, g, w, uu):
+      if isinstance(zz, optax.MaskedNode):
+        return g
+      return (g + new_rho * (w - zz + uu)).astype(g.dtype)
+
+    updates = jax.tree.map(add_penalty, z, updates, params, u, is_leaf=_is_node_leaf)
+    return updates, ADMMState(optax.safe_int32_increment(state.count), new_rho, z, u)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _pruned_pairs(state: ADMMState, params: Params):
+  """(path, W, Z, U) for every pruned leaf."""
+  out = []
+  flat_z = jax.tree_util.tree_leaves_with_path(state.z, is_leaf=_is_node_leaf)
+  flat_w = jax.tree.leaves(params)
+  flat_u = jax.tree.leaves(state.u, is_leaf=_is_node_leaf)
+  for (path, z), w, u in zip(flat_z, flat_w, flat_u):
+    if not isinstance(z, optax.MaskedNode):
+      out.append((sparsity.path_str(path), w, z, u))
+  return out
+
+
+def primal_residuals(state: ADMMState, params: Params) -> dict[str, jax.Array]:
+  """{path: ||W - Z||_F} per pruned leaf: goes to 0 as ADMM converges onto the sparsity set."""
+  return {p: jnp.linalg.norm((w - z).astype(jnp.float32).reshape(-1))
+          for p, w, z, _ in _pruned_pairs(state, params)}
+
+
+def admm_penalty(state: ADMMState, params: Params) -> jax.Array:
+  """sum_i rho/2 ||W_i - Z_i + U_i||^2: the augmented-Lagrangian term, for logging."""
+  total = sum(jnp.sum(jnp.square((w - z + u).astype(jnp.float32)))
+              for _, w, z, u in _pruned_pairs(state, params))
+  return 0.5 * state.rho * total
+
+
+def find_admm_state(opt_state: Any) -> ADMMState | None:
+  """The first `ADMMState` inside an optimizer state (e.g. of an optax.chain), or None."""
+  found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ADMMState))
+  return next((x for x in found if isinstance(x, ADMMState)), None)
+
+
+def apply_masks(masks: Params) -> optax.GradientTransformation:
+  """Keeps pruned weights exactly 0.0: place it last in an optax chain.
+
+  Args:
+    masks: the params' structure with a bool keep-mask for every pruned leaf and None for the
+      others (as returned by `sparsity.hard_prune`).
+
+  Returns:
+    A transform that sets the update of every pruned weight to -W (0 when W is already 0), so
+    that ``optax.apply_updates`` lands exactly on 0.0 whatever came before in the chain.
+    Without params it zeroes those updates (already-zero weights stay zero).
+  """
+  stored = jax.tree.map(lambda m: optax.MaskedNode() if m is None else jnp.asarray(m, bool),
+                        masks, is_leaf=lambda x: x is None)
+
+  def init_fn(params):
+    if params is not None:
+      _check_mask_structure(stored, params)
+    return ApplyMasksState(stored)
+
+  def update_fn(updates, state, params=None):
+    def one(m, u, *w):
+      if isinstance(m, optax.MaskedNode):
+        return u
+      return jnp.where(m, u, -w[0] if w else jnp.zeros_like(u)).astype(u.dtype)
+    trees = (updates,) if params is None else (updates, params)
+    return jax.tree.map(one, state.masks, *trees, is_leaf=_is_node_leaf), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_mask_structure(stored: Params, params: Params) -> None:
+  hint = ("apply_masks: masks must have the params' structure, a bool mask of the leaf's shape "
+          "per pruned leaf and None elsewhere (as returned by sparsity.hard_prune)")
+  try:
+    pairs = jax.tree.leaves(jax.tree.map(lambda m, w: (m, w), stored, params, is_leaf=_is_node_leaf),
+                            is_leaf=lambda x: isinstance(x, tuple))
+  except ValueError as e:
+    raise ValueError(f"{hint}; structure differs: {e}") from None
+  for m, w in pairs:
+    if not isinstance(m, optax.MaskedNode) and m.shape != w.shape:
+      raise ValueError(f"{hint}; a mask of shape {m.shape} stands for a leaf of shape {w.shape}.")
+
+
+def admm_lr_schedule(base_lr: float, update_every: int, drops_per_cycle: int = 3,
+                     factor: float = 0.1) -> optax.Schedule:
+  """The reference ADMM learning rate: restart at `base_lr` at each Z/U update, then multiply
+  by `factor` every update_every // drops_per_cycle steps (10x drops every admm_epoch/3 epochs).
+  """
+  if update_every < 1 or drops_per_cycle < 1:
+    raise ValueError("admm_lr_schedule: update_every and drops_per_cycle must be >= 1, got "
+                     f"{update_every} and {drops_per_cycle}.")
+  period = max(update_every // drops_per_cycle, 1)
+
+  def schedule(count):
+    drops = (jnp.asarray(count) % update_every) // period
+    return base_lr * jnp.power(factor, drops.astype(jnp.float32))
+
+  return schedule
