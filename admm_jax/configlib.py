@@ -1,0 +1,202 @@
+"""The config schema: defaults every config file starts from, and validation before any work.
+
+Config files in configs/ call `base_config()` and change what their recipe needs. Every
+field can be overridden on the command line: `--config.attack.eps=0.2`. `validate` checks
+every field and raises one ConfigError sentence naming the field, the value and what is
+allowed; main turns it into exit code 2 without a traceback.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import ml_collections
+
+from admm_jax import projections
+
+STAGE_ORDER = ("pretrain", "admm", "retrain", "scratch")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "steps", "admm")
+DATASETS = ("mnist", "fashion_mnist", "cifar10")
+MODELS = ("lenet", "vgg16", "resnet18")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message is one sentence meant for the user."""
+
+
+def _stage(epochs: int, optimizer: str, lr: float, schedule: str = "constant",
+           **extra) -> ml_collections.ConfigDict:
+  stage = ml_collections.ConfigDict(dict(
+      epochs=epochs,            # passes over the training split
+      optimizer=optimizer,      # sgd | adam | adamw
+      lr=lr,                    # base learning rate
+      momentum=0.9,             # sgd only
+      weight_decay=0.0,         # sgd: coupled L2; adamw: decoupled
+      schedule=schedule,        # constant | cosine | steps (x0.1 at lr_drop_epochs) | admm
+      lr_drop_epochs=(),        # for schedule=steps
+  ))
+  stage.update(extra)
+  return stage
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every recipe (Fashion-MNIST LeNet, offline)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stages = "pretrain,admm,retrain"   # comma-separated, run in this order; also: scratch
+  c.init_from = ""                      # another run's workdir: inputs of stages not run here
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="fashion_mnist",            # mnist | fashion_mnist | cifar10
+      dir="/usr/share/datasets/fashion-mnist",  # MNIST-format IDX files; '' = TFDS
+      tfds_dir="",                     # TFDS data_dir ('' = TFDS default)
+      validation_size=5000,            # held out from train, for model selection
+      limit_train=0,                   # use only this many training examples (0 = all)
+      limit_test=0,                    # evaluate on this many test examples (0 = all)
+      augment="none",                  # none | cifar (random crop 32 pad 4 + flip)
+  ))
+  c.model = ml_collections.ConfigDict(dict(name="lenet", width=4))
+  c.attack = ml_collections.ConfigDict(dict(
+      kind="pgd",              # training attack: pgd | fgsm | none
+      eps=0.1,                 # Linf radius, inputs in [0, 1]
+      steps=10,                # training PGD steps
+      step_size=0.025,         # training PGD step
+      random_start=True,
+      eval_steps=20,           # PGD steps for validation and test (>= steps: a stronger attack)
+      eval_step_size=0.01,
+  ))
+  c.batch_size = 64            # global batch
+  c.eval_batch_size = 500
+  c.sparsity = "conv1/kernel=irregular:0.8,conv2/kernel=irregular:0.9,fc1/kernel=irregular:0.98,fc2/kernel=irregular:0.9"
+
+  c.pretrain = _stage(8, "adam", 1e-3)
+  c.admm = _stage(8, "sgd", 0.01, "admm", rho=1e-3, rho_growth=1.3, update_every_epochs=2)
+  c.retrain = _stage(6, "adam", 1e-3)
+  c.scratch = _stage(0, "adam", 1e-3, width=1)   # epochs 0: pretrain+admm+retrain epochs
+
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 500
+  c.max_checkpoints = 2
+  c.parallel = ml_collections.ConfigDict(dict(
+      data_axis=0,             # devices on the data axis; 0 = all devices
+      distributed=False,       # call jax.distributed.initialize (multi-process runs)
+      coordinator_address="",  # host:port of process 0 (GPU/CPU clusters; TPU pods detect it)
+      num_processes=0,
+      process_id=-1,
+  ))
+  return c
+
+
+def parse_sparsity(text: str) -> dict[str, tuple[str, float | None]]:
+  """'pattern=kind:ratio,...' -> {pattern: (kind, ratio)}; N:M kinds have no ratio ('fc1/kernel=2:4')."""
+  out = {}
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    pattern, sep, rule = item.rpartition("=")
+    if not sep or not pattern:
+      raise ConfigError(f"sparsity entry {item!r} is not 'pattern=kind:ratio' "
+                        "(e.g. 'conv1/kernel=filter:0.8' or 'fc1/kernel=2:4').")
+    if re.fullmatch(r"\d+:\d+", rule):
+      out[pattern] = (rule, None)
+      continue
+    kind, _, ratio = rule.partition(":")
+    try:
+      out[pattern] = (kind, float(ratio))
+    except ValueError:
+      raise ConfigError(f"sparsity entry {item!r}: ratio {ratio!r} is not a number "
+                        "(write kind:ratio, e.g. irregular:0.9).") from None
+  return out
+
+
+def stages(config: ml_collections.ConfigDict) -> list[str]:
+  return [s.strip() for s in config.stages.split(",") if s.strip()]
+
+
+def _fail(field: str, value, allowed: str):
+  raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}.")
+
+
+def _positive_int(config, field: str, zero_ok: bool = False):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
+    _fail(field, value, "use an integer >= 0" if zero_ok else "use an integer >= 1")
+
+
+def _number(config, field: str, lo: float, hi: float, lo_open=False, hi_open=False):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+  if not ok:
+    _fail(field, value, f"use a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field; raises ConfigError naming the first bad one."""
+  names = stages(config)
+  for s in names:
+    if s not in STAGE_ORDER:
+      _fail("stages", config.stages, f"stages are a comma-separated subset of {','.join(STAGE_ORDER)}")
+  if not names:
+    _fail("stages", config.stages, "name at least one stage")
+  order = [STAGE_ORDER.index(s) for s in names]
+  if order != sorted(order) or len(set(order)) != len(order):
+    _fail("stages", config.stages, f"list each stage once, in the order {','.join(STAGE_ORDER)}")
+  _positive_int(config, "seed", zero_ok=True)
+  if config.data.name not in DATASETS:
+    _fail("data.name", config.data.name, f"use one of {', '.join(DATASETS)}")
+  if config.data.dir and config.data.name == "cifar10":
+    _fail("data.dir", config.data.dir, "local IDX files exist only for mnist and fashion_mnist; "
+          "set data.dir='' to use TFDS for cifar10")
+  for f in ("data.validation_size", "data.limit_train", "data.limit_test"):
+    _positive_int(config, f, zero_ok=True)
+  if config.data.augment not in ("none", "cifar"):
+    _fail("data.augment", config.data.augment, "use 'none' or 'cifar'")
+  if config.model.name not in MODELS:
+    _fail("model.name", config.model.name, f"use one of {', '.join(MODELS)}")
+  _positive_int(config, "model.width")
+  if config.attack.kind not in ("pgd", "fgsm", "none"):
+    _fail("attack.kind", config.attack.kind, "use 'pgd', 'fgsm' or 'none'")
+  _number(config, "attack.eps", 0.0, 1.0)
+  _number(config, "attack.step_size", 0.0, 1.0, lo_open=True)
+  _number(config, "attack.eval_step_size", 0.0, 1.0, lo_open=True)
+  _positive_int(config, "attack.steps")
+  _positive_int(config, "attack.eval_steps")
+  _positive_int(config, "batch_size")
+  _positive_int(config, "eval_batch_size")
+  _positive_int(config, "log_every_steps")
+  _positive_int(config, "checkpoint_every_steps")
+  _positive_int(config, "max_checkpoints")
+  for s in STAGE_ORDER:
+    stage = config[s]
+    _positive_int(config, f"{s}.epochs", zero_ok=(s == "scratch"))
+    if stage.optimizer not in OPTIMIZERS:
+      _fail(f"{s}.optimizer", stage.optimizer, f"use one of {', '.join(OPTIMIZERS)}")
+    _number(config, f"{s}.lr", 0.0, 10.0, lo_open=True)
+    _number(config, f"{s}.momentum", 0.0, 1.0, hi_open=True)
+    _number(config, f"{s}.weight_decay", 0.0, 1.0)
+    if stage.schedule not in SCHEDULES or (stage.schedule == "admm" and s != "admm"):
+      _fail(f"{s}.schedule", stage.schedule, "use constant, cosine or steps (admm: also admm)")
+    if any(not isinstance(e, int) or e < 1 for e in stage.lr_drop_epochs):
+      _fail(f"{s}.lr_drop_epochs", stage.lr_drop_epochs, "use a tuple of epochs >= 1")
+  _number(config, "admm.rho", 0.0, 1e6, lo_open=True)
+  _number(config, "admm.rho_growth", 0.0, 100.0, lo_open=True)
+  _positive_int(config, "admm.update_every_epochs")
+  _positive_int(config, "scratch.width")
+  _positive_int(config, "parallel.data_axis", zero_ok=True)
+  if any(s in names for s in ("admm", "retrain")):
+    try:
+      rules = parse_sparsity(config.sparsity)
+    except ConfigError as e:
+      raise ConfigError(f"config.sparsity: {e}") from None
+    if not rules:
+      _fail("sparsity", config.sparsity, "name at least one 'pattern=kind:ratio' for admm/retrain")
+    for pattern, (kind, ratio) in rules.items():
+      try:
+        re.compile(pattern)
+        projections.validate(kind, ratio, where=f"pattern {pattern!r}")
+      except (ValueError, re.error) as e:
+        raise ConfigError(f"config.sparsity={config.sparsity!r} is invalid: {e}") from None

@@ -1,0 +1,54 @@
+"""Command line: python -m admm_jax.main --config=configs/fashion_mnist_lenet.py --workdir=runs/x
+
+Every config field can be overridden: --config.model.width=8 --config.attack.eps=0.2.
+Running the same command again resumes the run in --workdir.
+"""
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, metrics and "
+                               "report.json go; rerun with the same workdir to resume.")
+
+
+
+def _user_errors():
+  """Errors that are the user's to fix: one sentence, exit code 2, no traceback."""
+  from admm_jax import checkpoint, configlib, data, pipeline
+  return (configlib.ConfigError, data.DataError, pipeline.WorkdirError,
+          checkpoint.CheckpointError)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  logging.getLogger().setLevel(logging.INFO)
+  for noisy in ("absl", "jax._src", "orbax", "etils"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  if config.parallel.distributed:
+    from admm_jax import parallel
+    parallel.initialize_distributed(config.parallel.coordinator_address,
+                                    config.parallel.num_processes, config.parallel.process_id)
+  from admm_jax import pipeline
+  try:
+    report = pipeline.train_and_evaluate(config, _WORKDIR.value)
+  except _user_errors() as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(pipeline.summary(report))
+  print(f"report: {os.path.join(os.path.abspath(_WORKDIR.value), 'report.json')}")
+
+
+def run():
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

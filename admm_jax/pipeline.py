@@ -1,0 +1,461 @@
+"""The stages: pretrain -> admm -> retrain (and scratch), with resume, metrics and a report.
+
+Layout of a workdir:
+  checkpoints/<stage>/<step>/   in-progress state of a stage (orbax), newest `max_checkpoints`
+  outputs/<stage>/0/            the stage's result: {"params", "batch_stats"} (orbax)
+  outputs/<stage>.json          written last: the stage is finished (its test metrics)
+  metrics.jsonl                 one line per epoch and stage
+  report.json                   the result of the run (rewritten after every stage)
+
+Running the same command again skips finished stages and resumes an unfinished one from its
+newest readable checkpoint ("resuming from <stage> step <n>"). The data order, the augmentation
+and every PRNG key are pure functions of (seed, stage, step), and the epoch's running metrics
+and best-so-far model are in the checkpoint, so a resumed run ends with the same numbers as
+an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from admm_jax import checkpoint, configlib, data, models, parallel, sparsity, train, transforms
+
+# Stage -> the stage whose output it starts from.
+INPUT_OF = {"admm": "pretrain", "retrain": "admm"}
+# Stages whose output is the best epoch on validation; admm's output is its last iterate
+# (the point ADMM converged to), which retrain then hard-prunes.
+SELECTS_BEST = ("pretrain", "retrain", "scratch")
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------ files
+
+def prepare_workdir(workdir: str) -> str:
+  """Absolute, existing, writable workdir (checked with a probe file before any work)."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write_probe_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"workdir {path!r} is not writable ({e.strerror}): choose another "
+                       "--workdir or fix its permissions.") from None
+  return path
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes JSON via a temporary file and a rename: a crash never leaves half a file."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+class MetricsLog:
+  """metrics.jsonl: one JSON line per (stage, epoch); a resumed stage replaces its later lines."""
+
+  def __init__(self, path: str, enabled: bool = True):
+    self.path, self.enabled = path, enabled
+
+  def truncate(self, stage: str, from_epoch: int) -> None:
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [json.loads(x) for x in f if x.strip()]
+    keep = [x for x in lines if not (x.get("stage") == stage and x.get("epoch", 0) >= from_epoch)]
+    if len(keep) != len(lines):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(x, sort_keys=True) + "\n" for x in keep)
+      os.replace(tmp, self.path)
+
+  def write(self, record: dict[str, Any]) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------- optimizers
+
+def lr_schedule(stage_cfg: ml_collections.ConfigDict, steps_per_epoch: int,
+                update_every: int = 0) -> optax.Schedule:
+  """The stage's learning-rate schedule, in optimizer steps."""
+  lr, total = stage_cfg.lr, max(stage_cfg.epochs * steps_per_epoch, 1)
+  if stage_cfg.schedule == "cosine":
+    return optax.cosine_decay_schedule(lr, total)
+  if stage_cfg.schedule == "steps":
+    return optax.piecewise_constant_schedule(
+        lr, {int(e) * steps_per_epoch: 0.1 for e in stage_cfg.lr_drop_epochs})
+  if stage_cfg.schedule == "admm":
+    return transforms.admm_lr_schedule(lr, update_every)
+  return optax.constant_schedule(lr)
+
+
+def optimizer(stage_cfg: ml_collections.ConfigDict, schedule: optax.Schedule
+              ) -> optax.GradientTransformation:
+  """sgd (momentum, coupled weight decay), adam, or adamw (decoupled weight decay)."""
+  if stage_cfg.optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(stage_cfg.weight_decay),
+                       optax.sgd(schedule, momentum=stage_cfg.momentum or None))
+  if stage_cfg.optimizer == "adamw":
+    return optax.adamw(schedule, weight_decay=stage_cfg.weight_decay)
+  return optax.chain(optax.add_decayed_weights(stage_cfg.weight_decay), optax.adam(schedule))
+
+
+# ------------------------------------------------------------------------------ stages
+
+class Context:
+  """What every stage shares: config, data, runtime, keys, files."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               runtime: parallel.Runtime, dataset: data.Dataset):
+    self.config, self.workdir, self.runtime, self.dataset = config, workdir, runtime, dataset
+    self.is_writer = jax.process_index() == 0
+    self.metrics = MetricsLog(os.path.join(workdir, "metrics.jsonl"), self.is_writer)
+    self.root_key = jax.random.key(config.seed)
+    a = config.attack
+    self.train_attack = train.Attack(a.kind, a.eps, a.step_size, a.steps, a.random_start)
+    self.eval_attack = train.Attack("pgd", a.eps, a.eval_step_size, a.eval_steps, True)
+    self.spec = (sparsity.spec(configlib.parse_sparsity(config.sparsity))
+                 if any(s in configlib.stages(config) for s in ("admm", "retrain")) else None)
+    self._eval_steps = {}
+
+  def model(self, width: int):
+    return models.get_model(self.config.model.name, width, self.dataset.num_classes)
+
+  def key(self, *purpose: str) -> jax.Array:
+    key = self.root_key
+    for p in purpose:
+      key = jax.random.fold_in(key, int.from_bytes(p.encode()[:4].ljust(4, b"\0"), "little"))
+    return key
+
+  def steps_per_epoch(self) -> int:
+    return data.steps_per_epoch(len(self.dataset.train[1]), self.config.batch_size)
+
+  def eval_step(self, model):
+    """One jitted eval step per model (its compilation is reused across stages)."""
+    key = (model.width,)
+    if key not in self._eval_steps:
+      rt = self.runtime
+      self._eval_steps[key] = train.jit_eval_step(
+          model, self.eval_attack, in_shardings=(rt.replicated, rt.replicated, rt.data,
+                                                 rt.replicated),
+          out_shardings=rt.replicated)
+    return self._eval_steps[key]
+
+  def evaluate(self, model, params, batch_stats, split: str, key: jax.Array) -> dict[str, float]:
+    images, labels = getattr(self.dataset, split)
+    if len(labels) == 0:
+      return {"count": 0, "natural_accuracy": float("nan"), "adversarial_accuracy": float("nan")}
+    batches = data.epoch_batches(images, labels, self.config.eval_batch_size, seed=0, epoch=0,
+                                 shuffle=False, drop_remainder=False,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+    batches = map(self.runtime.global_batch, data.prefetch(batches))
+    return train.evaluate(self.eval_step(model), params, batch_stats, batches, key)
+
+
+def _stage_dirs(workdir: str, stage: str) -> tuple[str, str, str]:
+  return (os.path.join(workdir, "checkpoints", stage), os.path.join(workdir, "outputs", stage),
+          os.path.join(workdir, "outputs", f"{stage}.json"))
+
+
+def load_output(ctx: Context, stage: str, like: dict) -> dict | None:
+  """The finished output of `stage` from this workdir, else from config.init_from, else None."""
+  for root in (ctx.workdir, ctx.config.init_from):
+    if not root:
+      continue
+    _, out_dir, done = _stage_dirs(os.path.abspath(root), stage)
+    if os.path.exists(done):
+      with checkpoint.manager(out_dir) as mngr:
+        step, restored = checkpoint.restore_latest(mngr, like)
+      if restored is None:
+        raise checkpoint.CheckpointError(f"stage {stage!r} is marked finished in {root} but "
+                                         f"{out_dir} holds no output: rerun that stage.")
+      if root != ctx.workdir:
+        logging.info("%s: starting from %s's output in %s", stage, stage, root)
+      return restored
+  return None
+
+
+def _fresh_variables(ctx: Context, model, stage: str) -> dict:
+  return train.init_variables(model, ctx.key("init", stage), ctx.dataset.image_shape)
+
+
+def stage_setup(ctx: Context, stage: str) -> tuple[Any, dict, optax.GradientTransformation]:
+  """(model, initial variables, optimizer chain) of a stage."""
+  cfg, spe = ctx.config[stage], ctx.steps_per_epoch()
+  width = ctx.config.scratch.width if stage == "scratch" else ctx.config.model.width
+  model = ctx.model(width)
+  fresh = _fresh_variables(ctx, model, "pretrain" if stage != "scratch" else "scratch")
+  if stage in INPUT_OF:
+    source = INPUT_OF[stage]
+    variables = load_output(ctx, source, fresh)
+    if variables is None:
+      raise WorkdirError(f"stage {stage!r} starts from the output of {source!r}, which is neither "
+                         f"in {ctx.workdir} nor in config.init_from={ctx.config.init_from!r}: "
+                         f"add {source} to config.stages or point config.init_from at a run "
+                         "that finished it.")
+  else:
+    variables = fresh
+  update_every = ctx.config.admm.update_every_epochs * spe
+  base = optimizer(cfg, lr_schedule(cfg, spe, update_every))
+  if stage == "admm":
+    tx = optax.chain(transforms.admm(ctx.spec, rho=cfg.rho, update_every=update_every,
+                                     rho_growth=cfg.rho_growth), base)
+  elif stage == "retrain":
+    # Hard prune the projection of W (not Z), then freeze the zero pattern.
+    params, masks = sparsity.hard_prune(variables["params"], ctx.spec)
+    variables = dict(variables, params=params)
+    tx = optax.chain(base, transforms.apply_masks(masks))
+  else:
+    tx = base
+  return model, variables, tx
+
+
+def _copy(tree: Any) -> Any:
+  """New buffers: the train state is donated to the step, so nothing kept may alias it."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+def _zero_metrics() -> dict[str, jax.Array]:
+  return {"loss": jnp.zeros([], jnp.float32), "correct": jnp.zeros([], jnp.int32),
+          "count": jnp.zeros([], jnp.int32)}
+
+
+def _epochs(ctx: Context, stage: str) -> int:
+  if stage == "scratch" and ctx.config.scratch.epochs == 0:
+    return sum(ctx.config[s].epochs for s in ("pretrain", "admm", "retrain"))
+  return ctx.config[stage].epochs
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+      f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
+  """Trains one stage to the end (resuming if it can) and returns its record."""
+  ckpt_dir, out_dir, done_path = _stage_dirs(ctx.workdir, stage)
+  if os.path.exists(done_path):
+    with open(done_path) as f:
+      record = json.load(f)
+    logging.info("%s: finished earlier (natural %.4f, adversarial %.4f); skipping", stage,
+                 record["natural_accuracy"], record["adversarial_accuracy"])
+    return record
+
+  t_start = time.time()
+  rt, cfg = ctx.runtime, ctx.config
+  model, variables, tx = stage_setup(ctx, stage)
+  epochs, spe = _epochs(ctx, stage), ctx.steps_per_epoch()
+  total_steps = epochs * spe
+  state = train.create_train_state(variables["params"], variables["batch_stats"], tx)
+  carry = {"train": state, "epoch_metrics": _zero_metrics(),
+           "best": {"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
+                    "metric": jnp.asarray(-1.0, jnp.float32), "epoch": jnp.asarray(-1, jnp.int32)},
+           "elapsed": jnp.zeros([], jnp.float32)}
+
+  mngr = checkpoint.manager(ckpt_dir, cfg.max_checkpoints)
+  step, restored = checkpoint.restore_latest(mngr, carry)
+  if restored is not None:
+    carry = restored
+    logging.info("resuming from %s step %d", stage, step)
+  carry = rt.replicate(carry)
+  step = int(carry["train"].step)
+  ctx.metrics.truncate(stage, step // spe)
+
+  train_step = train.jit_train_step(
+      model, tx, ctx.train_attack,
+      in_shardings=(rt.replicated, rt.data, rt.replicated),
+      out_shardings=(rt.replicated, rt.replicated))
+  stage_key = ctx.key("train", stage)
+  n_train = len(ctx.dataset.train[1])
+  logging.info("%s: %d epochs x %d steps of batch %d (%d examples), model %s(w=%d), attack %s",
+               stage, epochs, spe, cfg.batch_size, n_train, cfg.model.name, model.width,
+               ctx.train_attack)
+  elapsed0 = float(carry["elapsed"])
+  t_resume, step_resume = time.time(), step
+  t_log, step_log = t_resume, step
+
+  while step < total_steps:
+    epoch, start = divmod(step, spe)
+    batches = data.epoch_batches(
+        *ctx.dataset.train, cfg.batch_size, seed=cfg.seed * 1000 + configlib.STAGE_ORDER.index(stage),
+        epoch=epoch, augment=cfg.data.augment, start_batch=start,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    state, metrics = carry["train"], carry["epoch_metrics"]
+    with data.prefetch(batches, size=3) as it:
+      for local_batch in it:
+        state, m = train_step(state, rt.global_batch(local_batch), stage_key)
+        metrics = train.add_metrics(metrics, m)
+        step += 1
+        if step % cfg.log_every_steps == 0 or step == total_steps:
+          host = jax.device_get(metrics)
+          now = time.time()
+          rate = (step - step_log) * cfg.batch_size / max(now - t_log, 1e-9)
+          eta = (total_steps - step) * (now - t_resume) / max(step - step_resume, 1)
+          logging.info("%s epoch %d/%d step %d/%d | %.0f ex/s | ETA %s | adv loss %.4f acc %.4f",
+                       stage, epoch + 1, epochs, step, total_steps, rate, _fmt_time(eta),
+                       host["loss"] / max(host["count"], 1), host["correct"] / max(host["count"], 1))
+          t_log, step_log = now, step
+        if step % spe and step % cfg.checkpoint_every_steps == 0:
+          carry = dict(carry, train=state, epoch_metrics=metrics,
+                       elapsed=jnp.asarray(elapsed0 + time.time() - t_resume, jnp.float32))
+          checkpoint.save(mngr, step, carry)
+    carry = _end_epoch(ctx, stage, model, dict(carry, train=state, epoch_metrics=metrics),
+                       epoch, elapsed0 + time.time() - t_resume)
+    checkpoint.save(mngr, step, carry)
+
+  return _finish_stage(ctx, stage, model, carry, out_dir, done_path, t_start, mngr)
+
+
+def _end_epoch(ctx: Context, stage: str, model, carry: dict, epoch: int, elapsed: float) -> dict:
+  """Validation, model selection and the epoch's metrics line; resets the running sums."""
+  state = carry["train"]
+  host = jax.device_get(carry["epoch_metrics"])
+  record = {"stage": stage, "epoch": epoch + 1, "step": int(state.step),
+            "train_adversarial_loss": float(host["loss"]) / max(int(host["count"]), 1),
+            "train_adversarial_accuracy": float(host["correct"]) / max(int(host["count"]), 1)}
+  val = ctx.evaluate(model, state.params, state.batch_stats, "validation",
+                     jax.random.fold_in(ctx.key("validation", stage), epoch))
+  record.update({f"val_{k}": v for k, v in val.items() if k != "count"})
+  best = carry["best"]
+  metric = val["adversarial_accuracy"] if val["count"] else float(epoch)  # no validation: last
+  if stage in SELECTS_BEST and metric > float(best["metric"]):
+    best = {"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
+            "metric": jnp.asarray(metric, jnp.float32), "epoch": jnp.asarray(epoch, jnp.int32)}
+  admm_state = transforms.find_admm_state(state.opt_state)
+  if admm_state is not None:
+    res = jax.device_get(transforms.primal_residuals(admm_state, state.params))
+    record["admm_rho"] = float(admm_state.rho)
+    record["admm_primal_residual"] = {k: float(v) for k, v in res.items()}
+  record["elapsed_s"] = round(elapsed, 2)
+  ctx.metrics.write(record)
+  logging.info("%s epoch %d: train adv acc %.4f | val natural %.4f adversarial %.4f%s", stage,
+               epoch + 1, record["train_adversarial_accuracy"], val["natural_accuracy"],
+               val["adversarial_accuracy"],
+               f" | rho {record['admm_rho']:.3g} max ||W-Z|| "
+               f"{max(record['admm_primal_residual'].values()):.4g}" if admm_state else "")
+  return ctx.runtime.replicate(dict(carry, best=best, epoch_metrics=_zero_metrics(),
+                                    elapsed=jnp.asarray(elapsed, jnp.float32)))
+
+
+def _finish_stage(ctx: Context, stage: str, model, carry: dict, out_dir: str, done_path: str,
+                  t_start: float, mngr) -> dict[str, Any]:
+  state = carry["train"]
+  if stage in SELECTS_BEST and int(carry["best"]["epoch"]) >= 0:
+    params, batch_stats = carry["best"]["params"], carry["best"]["batch_stats"]
+    chosen = f"epoch {int(carry['best']['epoch']) + 1} (best validation adversarial accuracy)"
+  else:
+    params, batch_stats, chosen = state.params, state.batch_stats, "last epoch"
+  test = ctx.evaluate(model, params, batch_stats, "test", ctx.key("test", stage))
+  with checkpoint.manager(out_dir, 1) as out:
+    checkpoint.save(out, 0, {"params": params, "batch_stats": batch_stats})
+  record = {"natural_accuracy": test["natural_accuracy"],
+            "adversarial_accuracy": test["adversarial_accuracy"], "test_examples": test["count"],
+            "selected": chosen, "epochs": _epochs(ctx, stage), "steps": int(state.step),
+            "model": {"name": ctx.config.model.name, "width": model.width},
+            "wall_time_s": round(float(carry["elapsed"]), 2),
+            "total_params": int(sum(np.size(x) for x in jax.tree.leaves(params)))}
+  if ctx.spec is not None and stage in ("admm", "retrain"):
+    rep = sparsity.report(jax.device_get(params), ctx.spec)
+    record["sparsity"] = rep.to_dict()
+  if ctx.is_writer:
+    write_json_atomic(done_path, record)
+  mngr.close()
+  logging.info("%s finished: test natural %.4f adversarial %.4f (%s, %d examples) in %s", stage,
+               record["natural_accuracy"], record["adversarial_accuracy"], chosen, test["count"],
+               _fmt_time(time.time() - t_start))
+  return record
+
+
+# ------------------------------------------------------------------------------ the run
+
+def _report(ctx: Context, records: dict[str, dict]) -> dict[str, Any]:
+  a = ctx.config.attack
+  report = {
+      "config": json.loads(ctx.config.to_json_best_effort()),
+      "dataset": {"name": ctx.dataset.name, "train": len(ctx.dataset.train[1]),
+                  "validation": len(ctx.dataset.validation[1]), "test": len(ctx.dataset.test[1])},
+      "attack": {"eps": a.eps, "steps": a.eval_steps, "step_size": a.eval_step_size,
+                 "norm": "linf", "random_start": True,
+                 "train": {"kind": a.kind, "steps": a.steps, "step_size": a.step_size}},
+      "devices": {"count": jax.device_count(), "platform": jax.default_backend(),
+                  "processes": jax.process_count(), "kind": jax.devices()[0].device_kind},
+      "stages": {}, "wall_time_s": {},
+  }
+  for stage, rec in records.items():
+    report["stages"][stage] = {k: v for k, v in rec.items() if k != "sparsity"}
+    report["wall_time_s"][stage] = rec["wall_time_s"]
+  for stage in ("retrain", "admm"):
+    if stage in records and "sparsity" in records[stage]:
+      sp = records[stage]["sparsity"]
+      report["sparsity"] = {
+          "stage": stage, "compression": sp["compression"], "total_params": sp["total_params"],
+          "nonzero_params": sp["nonzero_params"],
+          "layers": {path: {"kind": l["kind"], "target": l["target"], "achieved": l["achieved"],
+                            "groups": l["groups"], "groups_pruned": l["groups_pruned"],
+                            "zero_fraction": l["zero_fraction"], "params": l["params"]}
+                     for path, l in sp["layers"].items()}}
+      break
+  return report
+
+
+def summary(report: dict[str, Any]) -> str:
+  """The few lines a user reads at the end of a run."""
+  a = report["attack"]
+  lines = [f"{report['dataset']['name']}: test accuracy, natural / under PGD-{a['steps']} "
+           f"(Linf eps {a['eps']}, step {a['step_size']}), {report['devices']['count']} "
+           f"{report['devices']['platform']} device(s)"]
+  for stage, rec in report["stages"].items():
+    lines.append(f"  {stage:<9} w={rec['model']['width']:<3} natural {rec['natural_accuracy']:.4f}"
+                 f"  adversarial {rec['adversarial_accuracy']:.4f}  params {rec['total_params']}"
+                 f"  {rec['wall_time_s']:.0f}s")
+  if "sparsity" in report:
+    sp = report["sparsity"]
+    lines.append(f"  {sp['stage']} model: {sp['nonzero_params']} of {sp['total_params']} weights "
+                 f"nonzero, compression {sp['compression']:.1f}x")
+  return "\n".join(lines)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the configured stages in `workdir` and returns (and writes) the report."""
+  configlib.validate(config)
+  workdir = prepare_workdir(workdir)
+  runtime = parallel.make_runtime(config.parallel.data_axis)
+  runtime.check_batch(config.batch_size)
+  runtime.check_batch(config.eval_batch_size, "eval_batch_size")
+  dataset = data.load_dataset(config.data.name, config.data.dir, config.data.validation_size,
+                              config.seed, limit_train=config.data.limit_train,
+                              limit_test=config.data.limit_test,
+                              tfds_data_dir=config.data.tfds_dir or None)
+  if len(dataset.train[1]) < config.batch_size:
+    raise configlib.ConfigError(f"config.batch_size={config.batch_size} is larger than the "
+                                f"{len(dataset.train[1])} training examples: lower it.")
+  ctx = Context(config, workdir, runtime, dataset)
+  logging.info("workdir %s | %s: %d train, %d validation, %d test | %d %s device(s)", workdir,
+               dataset.name, len(dataset.train[1]), len(dataset.validation[1]),
+               len(dataset.test[1]), runtime.num_devices, jax.default_backend())
+  records = {}
+  for stage in configlib.stages(config):
+    records[stage] = run_stage(ctx, stage)
+    report = _report(ctx, records)
+    if ctx.is_writer:
+      write_json_atomic(os.path.join(workdir, "report.json"), report)
+  return report

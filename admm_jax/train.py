@@ -1,0 +1,167 @@
+"""Train state and the jitted steps: PGD adversarial training (Madry) and robust evaluation.
+
+BatchNorm and the attack. During training the attack runs the model in *train mode* (batch
+statistics) without updating the running averages, then the loss runs in train mode on the
+adversarial batch and updates them once. The attack thus maximizes exactly the loss that
+the step then minimizes (Danskin: the gradient of the inner max is the gradient at the
+maximizer of the same function), and the running averages see one batch per step, not
+steps+1 of them with half-finished perturbations (the reference code's train-mode PGD
+updates them at every attack step). Evaluation attacks the deployed model: eval mode,
+running averages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from admm_jax import attacks
+
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a stage needs to continue bit for bit (orbax saves it as one pytree)."""
+  step: jax.Array          # int32: optimizer steps taken in this stage
+  params: Any
+  batch_stats: Any         # {} for models without BatchNorm
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+  """An Linf attack: "pgd" (PGD with `steps` steps), "fgsm" (FGSM, random start) or "none"."""
+  kind: str = "pgd"
+  eps: float = 0.1
+  step_size: float = 0.01
+  steps: int = 10
+  random_start: bool = True
+
+  def __post_init__(self):
+    if self.kind not in ("pgd", "fgsm", "none"):
+      raise ValueError(f"attack kind {self.kind!r} is unknown: use 'pgd', 'fgsm' or 'none'.")
+
+  def __call__(self, apply_fn, params, x, y, key):
+    if self.kind == "none" or self.eps == 0:
+      return x
+    if self.kind == "fgsm":
+      return attacks.fgsm(apply_fn, params, x, y, key, eps=self.eps, step_size=self.step_size,
+                          random_start=True)
+    return attacks.pgd_linf(apply_fn, params, x, y, key, eps=self.eps, step_size=self.step_size,
+                            steps=self.steps, random_start=self.random_start)
+
+
+def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
+  """Initial {'params', 'batch_stats'} of `model` for inputs of `input_shape` (one example)."""
+  variables = model.init(key, jnp.zeros((1,) + tuple(input_shape), jnp.float32), train=False)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def create_train_state(params: Any, batch_stats: Any, tx: optax.GradientTransformation
+                       ) -> TrainState:
+  """A fresh TrainState at step 0 with tx's initial optimizer state."""
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params))
+
+
+def _logits_fn(model: nn.Module, batch_stats: Any, train: bool) -> Callable:
+  """(params, x) -> logits; in train mode with batch statistics and the update discarded."""
+  if not batch_stats:
+    return lambda p, x: model.apply({"params": p}, x, train=train)
+  if not train:
+    return lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x, train=False)
+  return lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                  mutable=["batch_stats"])[0]
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
+               model: nn.Module, tx: optax.GradientTransformation, attack: Attack
+               ) -> tuple[TrainState, Metrics]:
+  """One adversarial training step on the cross-entropy of the attacked batch.
+
+  Args:
+    state: the TrainState.
+    batch: {"image": (B, H, W, C) float32 in [0, 1], "label": (B,) int32}.
+    key: the stage's PRNG key; the step's key is folded in from state.step, so a resumed
+      run draws the same random starts as an uninterrupted one.
+    model, tx, attack: static (close over them with functools.partial before jax.jit).
+
+  Returns:
+    (new state, metrics): sums over the batch of "loss" and "correct" (on the adversarial
+    batch) and "count", to be accumulated on device and fetched now and then.
+  """
+  x, y = batch["image"], batch["label"]
+  step_key = jax.random.fold_in(key, state.step)
+  x_adv = attack(_logits_fn(model, state.batch_stats, train=True), state.params, x, y, step_key)
+
+  def loss_fn(params):
+    if state.batch_stats:
+      logits, updated = model.apply({"params": params, "batch_stats": state.batch_stats}, x_adv,
+                                    train=True, mutable=["batch_stats"])
+      new_stats = updated["batch_stats"]
+    else:
+      logits, new_stats = model.apply({"params": params}, x_adv, train=True), state.batch_stats
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return losses.mean(), (losses, logits, new_stats)
+
+  grads, (losses, logits, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=new_stats, opt_state=opt_state)
+  metrics = {"loss": losses.sum(), "correct": jnp.sum(jnp.argmax(logits, -1) == y),
+             "count": jnp.asarray(y.shape[0], jnp.int32)}
+  return new_state, metrics
+
+
+def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], key: jax.Array, *,
+              model: nn.Module, attack: Attack) -> Metrics:
+  """Natural and adversarial correct counts on one batch, in eval mode.
+
+  `batch` may carry a boolean "mask" (padding of the last batch): masked-out examples count
+  nowhere. Returns sums: "count", "natural_correct", "adversarial_correct".
+  """
+  x, y = batch["image"], batch["label"]
+  mask = batch.get("mask", jnp.ones(y.shape, bool))
+  apply_fn = _logits_fn(model, batch_stats, train=False)
+  natural = jnp.argmax(apply_fn(params, x), -1) == y
+  x_adv = attack(apply_fn, params, x, y, key)
+  adversarial = jnp.argmax(apply_fn(params, x_adv), -1) == y
+  return {"count": jnp.sum(mask, dtype=jnp.int32),
+          "natural_correct": jnp.sum(natural & mask, dtype=jnp.int32),
+          "adversarial_correct": jnp.sum(adversarial & mask, dtype=jnp.int32)}
+
+
+def add_metrics(total: Metrics | None, new: Metrics) -> Metrics:
+  """Running sums of metric dicts (stays on device: no host round-trip)."""
+  return new if total is None else jax.tree.map(jnp.add, total, new)
+
+
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, attack: Attack, **jit_kw):
+  """train_step jitted once per stage, with the state donated (updated in place)."""
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, attack=attack),
+                 donate_argnums=(0,), **jit_kw)
+
+
+def jit_eval_step(model: nn.Module, attack: Attack, **jit_kw):
+  """eval_step jitted once per (model, attack)."""
+  return jax.jit(functools.partial(eval_step, model=model, attack=attack), **jit_kw)
+
+
+def evaluate(step_fn: Callable, params: Any, batch_stats: Any, batches, key: jax.Array
+             ) -> dict[str, float]:
+  """Natural and adversarial accuracy over `batches` (one fetch to the host at the end)."""
+  total = None
+  for i, batch in enumerate(batches):
+    total = add_metrics(total, step_fn(params, batch_stats, batch, jax.random.fold_in(key, i)))
+  if total is None:
+    return {"count": 0, "natural_accuracy": float("nan"), "adversarial_accuracy": float("nan")}
+  total = jax.device_get(total)
+  count = int(total["count"])
+  return {"count": count, "natural_accuracy": int(total["natural_correct"]) / max(count, 1),
+          "adversarial_accuracy": int(total["adversarial_correct"]) / max(count, 1)}
