@@ -45,9 +45,25 @@ def main(argv):
   print(f"report: {os.path.join(os.path.abspath(_WORKDIR.value), 'report.json')}")
 
 
+def _parse_flags(argv):
+  """absl's parser, but a bad flag or config value is one sentence and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    # A config file that raised carries its traceback in the message: keep the last line.
+    lines = [x for x in str(e).splitlines() if x.strip()]
+    detail = lines[-1] if len(lines) > 1 else str(e)
+    print(f"error: {detail}" if detail == str(e) else f"error: {lines[0]} {detail}",
+          file=sys.stderr)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
+    print(f"error: a --config.* flag names a field the config does not have ({e}): see the "
+          "config file and admm_jax/configlib.py for the fields.", file=sys.stderr)
+  sys.exit(2)
+
+
 def run():
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

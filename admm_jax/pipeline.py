@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -61,7 +62,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
   """Writes JSON via a temporary file and a rename: a crash never leaves half a file."""
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+    json.dump(obj, f, indent=2)
     f.write("\n")
   os.replace(tmp, path)
 
@@ -141,7 +142,7 @@ class Context:
   def key(self, *purpose: str) -> jax.Array:
     key = self.root_key
     for p in purpose:
-      key = jax.random.fold_in(key, int.from_bytes(p.encode()[:4].ljust(4, b"\0"), "little"))
+      key = jax.random.fold_in(key, zlib.crc32(p.encode()) & 0x7FFFFFFF)
     return key
 
   def steps_per_epoch(self) -> int:
@@ -449,6 +450,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise configlib.ConfigError(f"config.batch_size={config.batch_size} is larger than the "
                                 f"{len(dataset.train[1])} training examples: lower it.")
   ctx = Context(config, workdir, runtime, dataset)
+  if ctx.spec is not None:  # check the patterns against the model's params before any work
+    shapes = jax.eval_shape(lambda: _fresh_variables(ctx, ctx.model(config.model.width), "check"))
+    try:
+      sparsity.resolve(shapes["params"], ctx.spec)
+    except ValueError as e:
+      raise configlib.ConfigError(f"config.sparsity: {e}") from None
   logging.info("workdir %s | %s: %d train, %d validation, %d test | %d %s device(s)", workdir,
                dataset.name, len(dataset.train[1]), len(dataset.validation[1]),
                len(dataset.test[1]), runtime.num_devices, jax.default_backend())

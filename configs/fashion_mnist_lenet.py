@@ -25,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain.epochs = 2
     c.admm.epochs = 2
     c.admm.update_every_epochs = 1
+    c.admm.rho = 0.5
     c.retrain.epochs = 1
     c.log_every_steps = 16
     c.checkpoint_every_steps = 20
