@@ -1,0 +1,49 @@
+"""Models of the paper (PAPER.md section 5), each with a width multiplier w.
+
+All models take NHWC images in [0, 1] and share one calling convention,
+`model.apply(variables, x, train=False)`; models with BatchNorm (`has_batch_norm(name)`)
+need `variables['batch_stats']` and, when `train=True`, `mutable=['batch_stats']`.
+"""
+from typing import Any
+
+from flax import linen as nn
+
+from admm_jax.models.layers import Conv, conv2d_im2col, conv2d_xla, max_pool_2x2
+from admm_jax.models.layers import normalize_input, resolve_conv_impl
+from admm_jax.models.lenet import LeNet, lenet_param_count
+from admm_jax.models.resnet import BasicBlock, ResNet18
+from admm_jax.models.vgg import VGG16
+
+MODELS: dict[str, type[nn.Module]] = {"lenet": LeNet, "vgg16": VGG16, "resnet18": ResNet18}
+
+
+def _model_class(name: str) -> type[nn.Module]:
+  try:
+    return MODELS[name]
+  except KeyError:
+    raise ValueError(f"Unknown model {name!r}; allowed names: {sorted(MODELS)}.") from None
+
+
+def get_model(name: str, width: int, num_classes: int = 10, **kwargs: Any) -> nn.Module:
+  """Builds a model by name.
+
+  Args:
+    name: "lenet", "vgg16" or "resnet18".
+    width: width multiplier w (PAPER.md section 5).
+    num_classes: number of logits.
+    **kwargs: further model attributes (conv_impl, input_mean, input_std).
+
+  Returns:
+    The (unbound) flax module.
+  """
+  return _model_class(name)(width=width, num_classes=num_classes, **kwargs)
+
+
+def has_batch_norm(name: str) -> bool:
+  """Whether model `name` carries 'batch_stats' that a training loop must thread through."""
+  return _model_class(name).has_batch_norm
+
+
+__all__ = ["BasicBlock", "Conv", "LeNet", "MODELS", "ResNet18", "VGG16", "conv2d_im2col",
+           "conv2d_xla", "get_model", "has_batch_norm", "lenet_param_count", "max_pool_2x2",
+           "normalize_input", "resolve_conv_impl"]

@@ -1,0 +1,101 @@
+"""CIFAR ResNet-18 (basic blocks [2, 2, 2, 2]) with width multiplier w (PAPER.md section 5)."""
+from collections.abc import Sequence
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from admm_jax.models.layers import Conv, normalize_input
+
+# He-normal with fan_out, as torchvision initialises convs that feed BatchNorm + ReLU.
+_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# (channels at w = 1, stride of the first block) of the four stages.
+_STAGES: tuple[tuple[int, int], ...] = ((4, 1), (8, 2), (16, 2), (32, 2))
+_BLOCKS_PER_STAGE = 2
+
+
+def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class BasicBlock(nn.Module):
+  """conv3x3 - BN - ReLU - conv3x3 - BN, plus a shortcut, then ReLU.
+
+  The shortcut is the identity, or conv1x1 (`shortcut_conv`) + BN (`shortcut_bn`) when the
+  stride or the channel count changes. Strided convs use SAME padding (Flax convention:
+  (0, 1) for a 3x3 stride-2 conv on an even map, where PyTorch pads (1, 1)).
+
+  Attributes:
+    features: output channels.
+    strides: stride of conv1 and of the shortcut conv.
+    conv_impl: convolution implementation, see `layers.resolve_conv_impl`.
+  """
+  features: int
+  strides: int = 1
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Applies the block to `x` (B, H, W, cin); returns (B, H / strides, W / strides, features)."""
+    s = (self.strides, self.strides)
+    y = Conv(self.features, (3, 3), s, use_bias=False, impl=self.conv_impl,
+             kernel_init=_CONV_INIT, name="conv1")(x)
+    y = nn.relu(_batch_norm(train, "bn1")(y))
+    y = Conv(self.features, (3, 3), use_bias=False, impl=self.conv_impl,
+             kernel_init=_CONV_INIT, name="conv2")(y)
+    y = _batch_norm(train, "bn2")(y)
+    if self.strides != 1 or x.shape[-1] != self.features:
+      x = Conv(self.features, (1, 1), s, use_bias=False, impl=self.conv_impl,
+               kernel_init=_CONV_INIT, name="shortcut_conv")(x)
+      x = _batch_norm(train, "shortcut_bn")(x)
+    return nn.relu(y + x)
+
+
+class ResNet18(nn.Module):
+  """CIFAR ResNet-18: 3x3 stem (4w, stride 1), 4 stages of 2 basic blocks, avg-pool, dense.
+
+  Stages have 4w, 8w, 16w, 32w channels (w = 16: 64 ... 512) and strides 1, 2, 2, 2.
+  Parameter paths ('/'-joined): stem conv1/kernel, bn1/{scale,bias}; blocks
+  layer{s}_{b}/{conv1,bn1,conv2,bn2} for s = 1..4, b = 0..1, plus
+  layer{2,3,4}_0/{shortcut_conv,shortcut_bn}; classifier fc/{kernel,bias}. Conv kernels
+  (regex `.*conv.*/kernel`): 20 = 1 stem + 16 in blocks + 3 shortcut 1x1 convs; none has a
+  bias.
+
+  Attributes:
+    width: width multiplier w; w = 16 is the standard network.
+    num_classes: number of logits.
+    conv_impl: convolution implementation, see `layers.resolve_conv_impl`.
+    input_mean: optional per-channel mean subtracted inside the model (off by default).
+    input_std: optional per-channel std divided inside the model (off by default).
+  """
+  width: int = 16
+  num_classes: int = 10
+  conv_impl: str = "auto"
+  input_mean: Sequence[float] | None = None
+  input_std: Sequence[float] | None = None
+
+  has_batch_norm: ClassVar[bool] = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Returns logits (B, num_classes) for images `x` of shape (B, H, W, C) in [0, 1].
+
+    Args:
+      x: images, NHWC (32x32 for CIFAR; any size works thanks to global average pooling).
+      train: BatchNorm uses batch statistics and updates 'batch_stats' (apply with
+        mutable=['batch_stats']) when True, running averages when False.
+    """
+    if self.width < 1:
+      raise ValueError(f"ResNet18 width must be >= 1, got {self.width}.")
+    x = normalize_input(x, self.input_mean, self.input_std)
+    x = Conv(4 * self.width, (3, 3), use_bias=False, impl=self.conv_impl,
+             kernel_init=_CONV_INIT, name="conv1")(x)
+    x = nn.relu(_batch_norm(train, "bn1")(x))
+    for stage, (channels, first_stride) in enumerate(_STAGES, start=1):
+      for b in range(_BLOCKS_PER_STAGE):
+        x = BasicBlock(channels * self.width, first_stride if b == 0 else 1,
+                       conv_impl=self.conv_impl, name=f"layer{stage}_{b}")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="fc")(x)

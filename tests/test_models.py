@@ -1,0 +1,325 @@
+"""Tests of admm_jax.models: fast layers equal their lax references; model shapes and names."""
+import re
+
+import chex
+from flax import linen as nn
+from flax import traverse_util
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from admm_jax import models
+from admm_jax.models import layers
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _paths(tree) -> dict[str, tuple[int, ...]]:
+  """'/'-joined leaf paths -> shapes (works on arrays and ShapeDtypeStructs)."""
+  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def _abstract_variables(model: nn.Module, shape: tuple[int, ...]):
+  """Variables' shapes without running (or compiling) the initialiser."""
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
+
+
+def _random_variables(model: nn.Module, shape: tuple[int, ...], seed: int = 0):
+  """Variables of the right structure filled by numpy (compiling `model.init` takes seconds).
+
+  Weights ~ N(0, 0.3^2); BatchNorm running variances start at 1 as in `nn.BatchNorm`.
+  """
+  rng = np.random.default_rng(seed)
+  def fill(path, leaf):
+    if jax.tree_util.keystr(path).endswith("['var']"):
+      return jnp.ones(leaf.shape, leaf.dtype)
+    return jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype)
+  return jax.tree_util.tree_map_with_path(fill, _abstract_variables(model, shape))
+
+
+# ---------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize(
+    "x_shape, kernel_shape, strides, padding",
+    [
+        ((2, 8, 8, 1), (5, 5, 1, 3), (1, 1), "SAME"),     # LeNet conv1-like, cin = 1
+        ((2, 6, 7, 3), (3, 3, 3, 4), (1, 1), "SAME"),     # odd sizes
+        ((2, 8, 8, 2), (3, 3, 2, 4), (2, 2), "SAME"),     # ResNet downsampling conv
+        ((2, 7, 7, 2), (3, 3, 2, 4), (2, 2), "SAME"),     # stride 2 on an odd map
+        ((2, 8, 8, 3), (1, 1, 3, 4), (2, 2), "SAME"),     # ResNet 1x1 shortcut
+        ((2, 6, 5, 2), (3, 2, 2, 3), (1, 2), ((1, 0), (2, 1))),
+    ])
+def test_im2col_conv_matches_lax_values_and_gradients(x_shape, kernel_shape, strides, padding):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(x_shape, np.float32)
+  kernel = rng.standard_normal(kernel_shape, np.float32)
+  y_shape = jax.eval_shape(lambda x, k: layers.conv2d_xla(x, k, strides, padding), x, kernel)
+  cotangent = rng.standard_normal(y_shape.shape, np.float32)
+
+  @jax.jit  # one compilation instead of one per eager op
+  def values_and_grads(x, kernel, cotangent):
+    out = []
+    for conv in (layers.conv2d_im2col, layers.conv2d_xla):
+      y, vjp = jax.vjp(lambda x, k: conv(x, k, strides, padding), x, kernel)
+      out.append((y, *vjp(cotangent)))   # y, d/dx, d/dkernel
+    return out
+
+  got, want = values_and_grads(x, kernel, cotangent)
+  chex.assert_trees_all_equal_shapes(got, want)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, **TOL)
+
+
+def test_xla_conv_matches_lax_directly():
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 6, 6, 3), np.float32)
+  kernel = rng.standard_normal((3, 3, 3, 5), np.float32)
+  want = lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_array_equal(layers.conv2d_xla(x, kernel), want)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_conv_module_impls_share_params_and_agree(use_bias):
+  x = np.random.default_rng(0).standard_normal((2, 6, 6, 3), np.float32)
+  im2col = layers.Conv(4, (3, 3), use_bias=use_bias, impl="im2col")
+  xla = layers.Conv(4, (3, 3), use_bias=use_bias, impl="xla")
+  variables = _random_variables(im2col, x.shape)
+  want = {"kernel": (3, 3, 3, 4), "bias": (4,)} if use_bias else {"kernel": (3, 3, 3, 4)}
+  assert _paths(variables["params"]) == want
+  # Same parameter layout as flax.linen.Conv, so either can load the other's checkpoints.
+  flax_conv = nn.Conv(4, (3, 3), use_bias=use_bias)
+  assert _paths(_abstract_variables(flax_conv, x.shape)["params"]) == want
+  np.testing.assert_allclose(flax_conv.apply(variables, x), xla.apply(variables, x), **TOL)
+  np.testing.assert_allclose(im2col.apply(variables, x), xla.apply(variables, x), **TOL)
+
+
+def test_conv_impl_resolution():
+  assert layers.resolve_conv_impl("xla") == "xla"
+  assert layers.resolve_conv_impl("im2col") == "im2col"
+  expected = "im2col" if jax.default_backend() == "cpu" else "xla"
+  assert layers.resolve_conv_impl("auto") == expected
+  with pytest.raises(ValueError, match="impl"):
+    layers.resolve_conv_impl("winograd")
+
+
+def test_max_pool_2x2_matches_flax_max_pool_values_and_gradients():
+  # Continuous random values: no ties inside a window, where gradient conventions differ.
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 6, 8, 3), np.float32)
+  cotangent = rng.standard_normal((2, 3, 4, 3), np.float32)
+
+  @jax.jit
+  def values_and_grads(x, cotangent):
+    out = []
+    for pool in (layers.max_pool_2x2, lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))):
+      y, vjp = jax.vjp(pool, x)
+      out.append((y, vjp(cotangent)[0]))
+    return out
+
+  (y, dx), (y_ref, dx_ref) = values_and_grads(x, cotangent)
+  chex.assert_shape(y, (2, 3, 4, 3))
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_allclose(dx, dx_ref, **TOL)
+
+
+def test_max_pool_2x2_rejects_odd_sizes():
+  with pytest.raises(ValueError, match="even"):
+    layers.max_pool_2x2(jnp.zeros((1, 5, 4, 1)))
+
+
+def test_normalize_input_per_channel_and_validation():
+  x = jnp.ones((2, 4, 4, 3))
+  y = layers.normalize_input(x, (0.5, 0.0, 1.0), (0.5, 2.0, 1.0))
+  np.testing.assert_allclose(y[0, 0, 0], [1.0, 0.5, 0.0])
+  assert layers.normalize_input(x, None, None) is x
+  with pytest.raises(ValueError, match="both"):
+    layers.normalize_input(x, (0.5, 0.5, 0.5), None)
+  with pytest.raises(ValueError, match="one entry per input channel"):
+    layers.normalize_input(x, (0.5,), (1.0,))
+
+
+# ---------------------------------------------------------------- LeNet
+
+
+@pytest.fixture(scope="module")
+def lenet1():
+  model = models.LeNet(width=1)
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 28, 28, 1)), jnp.float32)
+  return model, _random_variables(model, x.shape), x
+
+
+def test_lenet_output_shape_and_param_paths(lenet1):
+  model, variables, x = lenet1
+  chex.assert_shape(model.apply(variables, x), (3, 10))
+  assert list(variables) == ["params"]
+  assert _paths(variables["params"]) == {
+      "conv1/kernel": (5, 5, 1, 2), "conv1/bias": (2,),
+      "conv2/kernel": (5, 5, 2, 4), "conv2/bias": (4,),
+      "fc1/kernel": (7 * 7 * 4, 64), "fc1/bias": (64,),
+      "fc2/kernel": (64, 10), "fc2/bias": (10,)}
+
+
+def test_lenet_ignores_train_flag_and_impls_agree(lenet1):
+  model, variables, x = lenet1
+  logits = model.apply(variables, x, train=False)
+  np.testing.assert_array_equal(model.apply(variables, x, train=True), logits)
+  xla_logits = models.LeNet(width=1, conv_impl="xla").apply(variables, x)
+  np.testing.assert_allclose(xla_logits, logits, **TOL)
+
+
+@pytest.mark.parametrize("width, in_channels, num_classes, expected", [
+    (1, 1, 10, 13514),   # 52 + 204 + 12608 + 650
+    (2, 1, 10, 52506),   # 104 + 808 + 50304 + 1290
+    (2, 3, 7, 52319),    # 304 + 808 + 50304 + 903
+])
+def test_lenet_param_count_closed_form(width, in_channels, num_classes, expected):
+  w, c, k = width, in_channels, num_classes
+  formula = (25 * c * 2 * w + 2 * w) + (25 * 2 * w * 4 * w + 4 * w) \
+      + (49 * 4 * w * 64 * w + 64 * w) + (64 * w * k + k)
+  assert formula == expected
+  assert models.lenet_param_count(w, c, k) == expected
+  variables = _abstract_variables(models.LeNet(width=w, num_classes=k), (1, 28, 28, c))
+  assert sum(int(np.prod(s)) for s in _paths(variables["params"]).values()) == expected
+
+
+def test_lenet_input_normalisation_is_off_by_default_and_exact_when_on(lenet1):
+  model, variables, x = lenet1
+  normed = models.LeNet(width=1, input_mean=(0.1307,), input_std=(0.3081,))
+  np.testing.assert_allclose(normed.apply(variables, x),
+                             model.apply(variables, (x - 0.1307) / 0.3081), **TOL)
+
+
+# ---------------------------------------------------------------- VGG-16
+
+
+@pytest.fixture(scope="module")
+def vgg1():
+  # The xla conv compiles several times faster; im2col is pinned by the layer tests above.
+  model = models.VGG16(width=1, conv_impl="xla")
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 32, 32, 3)), jnp.float32)
+  return model, _random_variables(model, x.shape), x
+
+
+def test_vgg16_param_paths_and_channel_scaling(vgg1):
+  _, variables, _ = vgg1
+  paths = _paths(variables["params"])
+  conv_kernels = [p for p in paths if re.fullmatch(r".*conv.*/kernel", p)]
+  assert sorted(conv_kernels) == sorted(f"conv{i}/kernel" for i in range(1, 14))
+  assert not any(re.fullmatch(r".*conv[^/]*/bias", p) for p in paths)  # BN follows each conv
+  cout = [4, 4, 8, 8, 16, 16, 16, 32, 32, 32, 32, 32, 32]   # standard cfg / 16
+  cin = [3] + cout[:-1]
+  for i in range(13):
+    assert paths[f"conv{i + 1}/kernel"] == (3, 3, cin[i], cout[i])
+    assert paths[f"bn{i + 1}/scale"] == paths[f"bn{i + 1}/bias"] == (cout[i],)
+  assert paths["fc/kernel"] == (32, 10) and paths["fc/bias"] == (10,)
+  assert set(_paths(variables["batch_stats"])) == {
+      f"bn{i}/{s}" for i in range(1, 14) for s in ("mean", "var")}
+
+
+def test_vgg16_full_width_classifier_has_512_inputs():
+  variables = _abstract_variables(models.VGG16(width=16), (1, 32, 32, 3))
+  paths = _paths(variables["params"])
+  assert paths["conv1/kernel"] == (3, 3, 3, 64) and paths["conv13/kernel"] == (3, 3, 512, 512)
+  assert paths["fc/kernel"] == (512, 10)
+
+
+# ---------------------------------------------------------------- ResNet-18
+
+
+@pytest.fixture(scope="module")
+def resnet1():
+  model = models.ResNet18(width=1, conv_impl="xla")
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 32, 32, 3)), jnp.float32)
+  return model, _random_variables(model, x.shape), x
+
+
+def test_resnet18_param_paths_and_conv_count(resnet1):
+  _, variables, _ = resnet1
+  paths = _paths(variables["params"])
+  conv_kernels = [p for p in paths if re.fullmatch(r".*conv.*/kernel", p)]
+  # 1 stem + 8 blocks x 2 + 3 shortcut 1x1 convs = the paper's 20 conv layers.
+  assert len(conv_kernels) == 20
+  shortcuts = sorted(p for p in conv_kernels if "shortcut" in p)
+  assert shortcuts == ["layer2_0/shortcut_conv/kernel", "layer3_0/shortcut_conv/kernel",
+                       "layer4_0/shortcut_conv/kernel"]
+  assert paths["conv1/kernel"] == (3, 3, 3, 4) and paths["bn1/scale"] == (4,)
+  for stage, c in zip(range(1, 5), (4, 8, 16, 32)):
+    for b in range(2):
+      cin = c if b == 1 else max(4, c // 2)
+      assert paths[f"layer{stage}_{b}/conv1/kernel"] == (3, 3, cin, c)
+      assert paths[f"layer{stage}_{b}/conv2/kernel"] == (3, 3, c, c)
+      assert paths[f"layer{stage}_{b}/bn2/scale"] == (c,)
+  assert paths["layer2_0/shortcut_conv/kernel"] == (1, 1, 4, 8)
+  assert paths["layer4_0/shortcut_bn/scale"] == (32,)
+  assert paths["fc/kernel"] == (32, 10)
+  assert not any(re.fullmatch(r".*conv[^/]*/bias", p) for p in paths)  # BN follows each conv
+
+
+def test_resnet18_full_width_is_standard():
+  variables = _abstract_variables(models.ResNet18(width=16), (1, 32, 32, 3))
+  paths = _paths(variables["params"])
+  assert paths["conv1/kernel"] == (3, 3, 3, 64)
+  assert paths["layer4_1/conv2/kernel"] == (3, 3, 512, 512)
+  assert paths["fc/kernel"] == (512, 10)
+  n = sum(int(np.prod(s)) for s in paths.values())
+  assert n == 11_173_962   # torchvision-style CIFAR ResNet-18 with 10 classes
+
+
+# ---------------------------------------------------------------- BatchNorm models
+
+
+@pytest.mark.parametrize("fixture", ["vgg1", "resnet1"])
+def test_batch_norm_models_update_stats_only_in_train_mode(fixture, request):
+  model, variables, x = request.getfixturevalue(fixture)
+
+  @jax.jit
+  def train_and_eval(variables, x):
+    train = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    evaluation = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    # The uniform convention (no mutable) works in eval mode.
+    return train, evaluation, model.apply(variables, x, train=False)
+
+  (logits, updates), (eval_logits, eval_updates), plain_logits = train_and_eval(variables, x)
+  chex.assert_shape(logits, (2, 10))
+  chex.assert_trees_all_equal_shapes(updates["batch_stats"], variables["batch_stats"])
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), updates["batch_stats"],
+                         variables["batch_stats"])
+  assert all(jax.tree.leaves(changed))
+  # Running mean after one step: momentum 0.9 on the old mean, 0.1 on the batch mean of the
+  # stem conv's output (bn1 follows conv1 in both models).
+  conv1 = layers.conv2d_xla(x, variables["params"]["conv1"]["kernel"])
+  want = 0.9 * variables["batch_stats"]["bn1"]["mean"] + 0.1 * conv1.mean(axis=(0, 1, 2))
+  np.testing.assert_allclose(updates["batch_stats"]["bn1"]["mean"], want, **TOL)
+  chex.assert_trees_all_equal(eval_updates["batch_stats"], variables["batch_stats"])
+  np.testing.assert_array_equal(plain_logits, eval_logits)
+  assert model.has_batch_norm
+
+
+# ---------------------------------------------------------------- registry
+
+
+@pytest.mark.parametrize("name, cls, bn", [("lenet", models.LeNet, False),
+                                           ("vgg16", models.VGG16, True),
+                                           ("resnet18", models.ResNet18, True)])
+def test_get_model_builds_by_name(name, cls, bn):
+  model = models.get_model(name, width=2, num_classes=7, conv_impl="xla")
+  assert isinstance(model, cls)
+  assert (model.width, model.num_classes, model.conv_impl) == (2, 7, "xla")
+  assert models.has_batch_norm(name) is bn
+
+
+@pytest.mark.parametrize("name", ["lenet", "vgg16", "resnet18"])
+def test_models_reject_non_positive_width(name):
+  with pytest.raises(ValueError, match="width must be >= 1"):
+    _abstract_variables(models.get_model(name, width=0), (1, 32, 32, 1))
+
+
+def test_get_model_rejects_unknown_name():
+  with pytest.raises(ValueError, match=r"allowed names: \['lenet', 'resnet18', 'vgg16'\]"):
+    models.get_model("alexnet", width=1, num_classes=10)
+  with pytest.raises(ValueError, match="allowed names"):
+    models.has_batch_norm("alexnet")
