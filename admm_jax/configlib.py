@@ -89,6 +89,32 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def cifar10_recipe(model: str, conv_pattern: str, arg: str | None) -> ml_collections.ConfigDict:
+  """The paper's CIFAR-10 recipe (PAPER.md sections 2, 4, 6) for `model`, pruning 0.9375 of
+  every conv kernel matched by `conv_pattern` with the kind named by `arg` (default filter).
+  """
+  kind = arg or "filter"
+  if kind not in ("filter", "column", "irregular"):
+    raise ValueError(f"unknown config argument {arg!r}: use filter, column or irregular.")
+  c = base_config()
+  c.data.update(name="cifar10", dir="", validation_size=5000, augment="cifar")
+  c.model.update(name=model, width=16)
+  c.attack.update(eps=8 / 255, steps=10, step_size=2 / 255, eval_steps=20,
+                  eval_step_size=2 / 255)
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.sparsity = f"{conv_pattern}={kind}:0.9375"
+  sgd = dict(optimizer="sgd", momentum=0.9, weight_decay=5e-4)
+  c.pretrain.update(epochs=200, lr=0.1, schedule="cosine", **sgd)
+  c.admm.update(epochs=200, lr=0.01, schedule="admm", rho=1e-3, rho_growth=1.3,
+                update_every_epochs=20, **sgd)
+  c.retrain.update(epochs=200, lr=0.01, schedule="steps", lr_drop_epochs=(80, 150), **sgd)
+  c.scratch.update(epochs=0, lr=0.1, schedule="cosine", width=1, **sgd)
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  return c
+
+
 def parse_sparsity(text: str) -> dict[str, tuple[str, float | None]]:
   """'pattern=kind:ratio,...' -> {pattern: (kind, ratio)}; N:M kinds have no ratio ('fc1/kernel=2:4')."""
   out = {}
