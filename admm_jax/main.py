@@ -19,9 +19,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, me
 
 def _user_errors():
   """Errors that are the user's to fix: one sentence, exit code 2, no traceback."""
-  from admm_jax import checkpoint, configlib, data, pipeline
+  from admm_jax import checkpoint, configlib, data, parallel, pipeline
   return (configlib.ConfigError, data.DataError, pipeline.WorkdirError,
-          checkpoint.CheckpointError)
+          checkpoint.CheckpointError, parallel.ParallelError)
 
 
 def main(argv):
@@ -31,18 +31,19 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   for noisy in ("absl", "jax._src", "orbax", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  if config.parallel.distributed:
-    from admm_jax import parallel
-    parallel.initialize_distributed(config.parallel.coordinator_address,
-                                    config.parallel.num_processes, config.parallel.process_id)
-  from admm_jax import pipeline
+  from admm_jax import parallel
   try:
+    if config.parallel.distributed:  # before any other jax call
+      parallel.initialize_distributed(config.parallel.coordinator_address,
+                                      config.parallel.num_processes, config.parallel.process_id)
+    from admm_jax import pipeline
     report = pipeline.train_and_evaluate(config, _WORKDIR.value)
   except _user_errors() as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(pipeline.summary(report))
-  print(f"report: {os.path.join(os.path.abspath(_WORKDIR.value), 'report.json')}")
+  if parallel.is_writer():  # one summary, not one per host
+    print(pipeline.summary(report))
+    print(f"report: {os.path.join(os.path.abspath(_WORKDIR.value), 'report.json')}")
 
 
 def _parse_flags(argv):

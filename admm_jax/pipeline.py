@@ -48,7 +48,7 @@ def prepare_workdir(workdir: str) -> str:
   path = os.path.abspath(os.path.expanduser(workdir))
   try:
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".write_probe_{os.getpid()}")
+    probe = os.path.join(path, f".write_probe_{jax.process_index()}_{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -184,7 +184,8 @@ def load_output(ctx: Context, stage: str, like: dict) -> dict | None:
     _, out_dir, done = _stage_dirs(os.path.abspath(root), stage)
     if os.path.exists(done):
       with checkpoint.manager(out_dir) as mngr:
-        step, restored = checkpoint.restore_latest(mngr, like)
+        # A replicated target: every process restores the global arrays (multi-host).
+        step, restored = checkpoint.restore_latest(mngr, ctx.runtime.replicate(like))
       if restored is None:
         raise checkpoint.CheckpointError(f"stage {stage!r} is marked finished in {root} but "
                                          f"{out_dir} holds no output: rerun that stage.")
@@ -272,12 +273,12 @@ def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
                     "metric": jnp.asarray(-1.0, jnp.float32), "epoch": jnp.asarray(-1, jnp.int32)},
            "elapsed": jnp.zeros([], jnp.float32)}
 
+  carry = rt.replicate(carry)  # before restoring: orbax restores into these shardings
   mngr = checkpoint.manager(ckpt_dir, cfg.max_checkpoints)
   step, restored = checkpoint.restore_latest(mngr, carry)
   if restored is not None:
     carry = restored
     logging.info("resuming from %s step %d", stage, step)
-  carry = rt.replicate(carry)
   step = int(carry["train"].step)
   ctx.metrics.truncate(stage, step // spe)
 
@@ -316,8 +317,10 @@ def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
                        host["loss"] / max(host["count"], 1), host["correct"] / max(host["count"], 1))
           t_log, step_log = now, step
         if step % spe and step % cfg.checkpoint_every_steps == 0:
-          carry = dict(carry, train=state, epoch_metrics=metrics,
-                       elapsed=jnp.asarray(elapsed0 + time.time() - t_resume, jnp.float32))
+          # replicate: elapsed is a host value (process 0's wins); orbax saves global arrays.
+          carry = rt.replicate(dict(
+              carry, train=state, epoch_metrics=metrics,
+              elapsed=jnp.asarray(elapsed0 + time.time() - t_resume, jnp.float32)))
           checkpoint.save(mngr, step, carry)
     carry = _end_epoch(ctx, stage, model, dict(carry, train=state, epoch_metrics=metrics),
                        epoch, elapsed0 + time.time() - t_resume)
@@ -379,6 +382,7 @@ def _finish_stage(ctx: Context, stage: str, model, carry: dict, out_dir: str, do
     record["sparsity"] = rep.to_dict()
   if ctx.is_writer:
     write_json_atomic(done_path, record)
+  parallel.sync(f"{stage} finished")  # the next stage's load_output reads done_path
   mngr.close()
   logging.info("%s finished: test natural %.4f adversarial %.4f (%s, %d examples) in %s", stage,
                record["natural_accuracy"], record["adversarial_accuracy"], chosen, test["count"],
@@ -397,8 +401,7 @@ def _report(ctx: Context, records: dict[str, dict]) -> dict[str, Any]:
       "attack": {"eps": a.eps, "steps": a.eval_steps, "step_size": a.eval_step_size,
                  "norm": "linf", "random_start": True,
                  "train": {"kind": a.kind, "steps": a.steps, "step_size": a.step_size}},
-      "devices": {"count": jax.device_count(), "platform": jax.default_backend(),
-                  "processes": jax.process_count(), "kind": jax.devices()[0].device_kind},
+      "devices": ctx.runtime.describe(),   # the mesh actually used, not all visible devices
       "stages": {}, "wall_time_s": {},
   }
   for stage, rec in records.items():
