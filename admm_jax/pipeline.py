@@ -73,12 +73,14 @@ class MetricsLog:
   def __init__(self, path: str, enabled: bool = True):
     self.path, self.enabled = path, enabled
 
-  def truncate(self, stage: str, from_epoch: int) -> None:
+  def truncate(self, stage: str, completed_epochs: int) -> None:
+    """Drops `stage`'s lines past its `completed_epochs` (written after the resumed checkpoint)."""
     if not self.enabled or not os.path.exists(self.path):
       return
     with open(self.path) as f:
       lines = [json.loads(x) for x in f if x.strip()]
-    keep = [x for x in lines if not (x.get("stage") == stage and x.get("epoch", 0) >= from_epoch)]
+    keep = [x for x in lines
+            if not (x.get("stage") == stage and x.get("epoch", 0) > completed_epochs)]
     if len(keep) != len(lines):
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
