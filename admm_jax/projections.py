@@ -121,11 +121,17 @@ def top_k_mask(scores: jax.Array, k: int) -> jax.Array:
     return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
   lo, _ = lax.fori_loop(0, 32, bisect, (jnp.uint32(0), jnp.uint32(0x80000000)))
-  above = bits > lo
-  at = bits == lo
   # Keep all groups above the threshold and the lowest-index ones at it, up to k in total.
-  slots = k - jnp.sum(above, dtype=jnp.int32)
-  return above | (at & (jnp.cumsum(at, dtype=jnp.int32) <= slots))
+  slots = k - jnp.sum(bits > lo, dtype=jnp.int32)
+
+  def break_ties(_):
+    at = bits == lo
+    return (bits > lo) | (at & (jnp.cumsum(at, dtype=jnp.int32) <= slots))
+
+  # Usually every group at the threshold fits (slots == count(at), as count(>= lo) >= k):
+  # then skip the cumsum, which costs XLA:CPU as much as the whole bisection.
+  return lax.cond(jnp.sum(bits == lo, dtype=jnp.int32) <= slots, lambda _: bits >= lo,
+                  break_ties, None)
 
 
 def group_keep(w: jax.Array, kind: str, ratio: float | None) -> jax.Array:

@@ -10,6 +10,10 @@ pads; `max_pool_2x2` is a reshape plus a max. Both compute the same mathematics 
 inputs NHWC, kernels (kh, kw, cin, cout).
 """
 from collections.abc import Sequence
+import ctypes
+import ctypes.util
+import os
+import sys
 from typing import Any
 
 import jax
@@ -20,6 +24,40 @@ from flax import linen as nn
 Padding = str | Sequence[tuple[int, int]]
 
 CONV_IMPLS = ("auto", "im2col", "xla")
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_MALLOC_ENV = ("MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_",
+               "MALLOC_MMAP_THRESHOLD_", "ADMM_JAX_NO_MALLOC_TUNING")
+_malloc_tuned: bool | None = None
+
+
+def tune_malloc_for_cpu() -> bool:
+  """Keeps freed XLA:CPU buffers in the glibc heap instead of returning them to the OS.
+
+  im2col allocates large patch buffers (40 MB per call for LeNet(16)) on every call; by
+  default glibc serves them with mmap and unmaps them on free, so every PGD step page-faults
+  (and zeroes) them afresh. Serving them from the heap (no mmap, 512 MB top pad, trim only
+  above 1 GB) removed that: +10% examples/s for a LeNet(4) PGD-10 step, +3% at LeNet(16)
+  (2-core AVX2 machine, alternating in one process). The process keeps up to ~1 GB of freed
+  memory for reuse. Runs once; does nothing off glibc, or when the user set any MALLOC_*_
+  variable or ADMM_JAX_NO_MALLOC_TUNING (their choice wins).
+
+  Returns:
+    Whether the tuning is in effect.
+  """
+  global _malloc_tuned
+  if _malloc_tuned is None:
+    _malloc_tuned = False
+    if sys.platform.startswith("linux") and not any(v in os.environ for v in _MALLOC_ENV):
+      try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _malloc_tuned = bool(libc.mallopt(_M_MMAP_MAX, 0) and
+                             libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) and
+                             libc.mallopt(_M_TOP_PAD, 512 << 20))
+      except (OSError, AttributeError):  # Not glibc (musl, ...): leave malloc alone.
+        _malloc_tuned = False
+  return _malloc_tuned
 
 
 def resolve_conv_impl(impl: str) -> str:
@@ -40,7 +78,9 @@ def resolve_conv_impl(impl: str) -> str:
   if impl not in CONV_IMPLS:
     raise ValueError(f"Conv impl must be one of {CONV_IMPLS}, got {impl!r}.")
   if impl == "auto":
-    return "im2col" if jax.default_backend() == "cpu" else "xla"
+    impl = "im2col" if jax.default_backend() == "cpu" else "xla"
+  if impl == "im2col" and jax.default_backend() == "cpu":
+    tune_malloc_for_cpu()  # Runs at trace time, before the step's buffers are allocated.
   return impl
 
 

@@ -1,0 +1,473 @@
+"""Benchmark: admm_jax's jitted adversarial ADMM train step next to a PyTorch-eager loop.
+
+Run: python -m admm_jax.bench [--quick] [--json] [--cases lenet:16:10:64,...] [--threads N]
+     [--repeats R] [--no-torch] [--no-extras]
+
+For each case (model:width:pgd_steps:batch) it times admm_jax's jitted train step (PGD-K
+adversarial examples, cross-entropy on them, the ADMM penalty from `transforms.admm`, SGD
+with momentum) and `bench_torch.TorchADMMTrainer`, a PyTorch-eager re-statement of the
+authors' loop on the same topology, attack, batch and thread count. The two are timed
+alternately, A B A B ..., and each pair gives one ratio: these machines are shared, and a
+slow minute then slows both sides of a pair. Reported: medians, the median pair ratio, the
+achieved FLOP/s against the machine's measured float32 matmul peak (FLOPs from XLA's cost
+analysis), compile time, XLA's memory footprint, recompilations after the first step, and
+(extras) the cost of `admm` and `apply_masks` over a plain SGD step, the Z/U update next to
+numpy's percentile on the same weights, the input pipeline's and the PGD evaluation's
+examples/s.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from admm_jax import data, models, projections, sparsity, train, transforms
+from admm_jax.models import layers
+
+EPS, STEP_SIZE = 0.3, 0.01        # MNIST-style Linf attack, as in the issue
+LR, MOMENTUM, RHO, PRUNE = 0.01, 0.9, 1e-3, 0.8
+SPEC = {".*kernel": ("irregular", PRUNE)}   # every conv/dense kernel, as the torch side does
+INPUT_SHAPES = {"lenet": (28, 28, 1), "vgg16": (32, 32, 3), "resnet18": (32, 32, 3)}
+
+DEFAULT_CASES = ("lenet:1:10:64", "lenet:1:40:64", "lenet:4:10:64", "lenet:4:40:64",
+                 "lenet:16:10:64", "lenet:16:40:64", "vgg16:4:10:128", "resnet18:4:10:128")
+QUICK_CASES = ("lenet:4:10:64", "lenet:16:10:64")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One benchmark row: model name, width multiplier, PGD steps and batch size."""
+  model: str
+  width: int
+  steps: int
+  batch: int
+
+  @classmethod
+  def parse(cls, text: str) -> "Case":
+    """Parses "model:width:steps[:batch]" (batch defaults to 64 for lenet, 128 otherwise)."""
+    parts = text.strip().split(":")
+    if len(parts) not in (3, 4) or parts[0] not in INPUT_SHAPES:
+      raise ValueError(f"case {text!r} must be model:width:steps[:batch] with model in "
+                       f"{sorted(INPUT_SHAPES)}, e.g. lenet:16:10:64.")
+    try:
+      nums = [int(p) for p in parts[1:]]
+    except ValueError:
+      raise ValueError(f"case {text!r}: width, steps and batch must be integers.") from None
+    batch = nums[2] if len(nums) == 3 else (64 if parts[0] == "lenet" else 128)
+    if min(nums[0], nums[1], batch) < 1:
+      raise ValueError(f"case {text!r}: width, steps and batch must be >= 1.")
+    return cls(parts[0], nums[0], nums[1], batch)
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+def _now() -> float:
+  return time.perf_counter()
+
+
+def _calibrate(run_once: Callable[[], None], min_seconds: float) -> int:
+  """Number of calls that take about `min_seconds` (after one untimed warm call)."""
+  run_once()
+  t = _now()
+  run_once()
+  dt = max(_now() - t, 1e-6)
+  return max(1, int(round(min_seconds / dt)))
+
+
+def _time_calls(run_once: Callable[[], None], n: int) -> float:
+  """Seconds for n calls (run_once must block until its work is done on the last call)."""
+  t = _now()
+  for _ in range(n):
+    run_once()
+  return _now() - t
+
+
+def alternate(fns: dict[str, Callable[[], None]], repeats: int, min_seconds: float
+              ) -> dict[str, list[float]]:
+  """Times each fn in turn, A B C A B C ..., `repeats` rounds; returns seconds per call."""
+  counts = {k: _calibrate(f, min_seconds) for k, f in fns.items()}
+  out: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, f in fns.items():
+      out[k].append(_time_calls(f, counts[k]) / counts[k])
+  return out
+
+
+def _median(xs: list[float]) -> float:
+  return float(statistics.median(xs)) if xs else float("nan")
+
+
+class Matmul:
+  """One n x n float32 XLA matmul; timed alongside the steps to give the in-situ peak."""
+
+  def __init__(self, n: int = 1536):
+    self.flops = 2 * n ** 3
+    self.a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    self.f = jax.jit(lambda a: a @ a)
+
+  def __call__(self) -> None:
+    self.f(self.a).block_until_ready()
+
+
+def matmul_peak_gflops(n: int = 1536, seconds: float = 1.0) -> float:
+  """The machine's float32 matmul rate (GFLOP/s): best of a few timed n x n XLA matmuls."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = 0.0
+  t_end = _now() + seconds
+  while _now() < t_end or best == 0.0:
+    t = _now()
+    f(a).block_until_ready()
+    best = max(best, 2 * n ** 3 / (_now() - t) / 1e9)
+  return best
+
+
+# ----------------------------------------------------------------------------- the jax side
+
+def _model(case: Case):
+  return models.get_model(case.model, case.width)
+
+
+def _batch(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {"image": rng.random((case.batch,) + INPUT_SHAPES[case.model], np.float32),
+          "label": rng.integers(0, 10, case.batch).astype(np.int32)}
+
+
+def _attack(case: Case) -> train.Attack:
+  return train.Attack("pgd", eps=EPS, step_size=STEP_SIZE, steps=case.steps)
+
+
+def _tx(kind: str, params: Any) -> optax.GradientTransformation:
+  """"admm": admm + SGD momentum (the benchmarked step); "sgd": plain; "masks": SGD + masks."""
+  sgd = optax.sgd(LR, momentum=MOMENTUM)
+  if kind == "admm":
+    # update_every beyond the timed steps: the Z/U update is timed on its own (zu_update).
+    return optax.chain(transforms.admm(SPEC, rho=RHO, update_every=10 ** 9), sgd)
+  if kind == "masks":
+    return optax.chain(sgd, transforms.apply_masks(sparsity.masks(params, sparsity.spec(SPEC))))
+  return sgd
+
+
+class JaxStep:
+  """A jitted admm_jax train step on a fixed device batch, state donated between calls."""
+
+  def __init__(self, case: Case, tx_kind: str = "admm"):
+    self.case = case
+    self.model = _model(case)
+    variables = train.init_variables(self.model, jax.random.key(0), INPUT_SHAPES[case.model])
+    self.tx = _tx(tx_kind, variables["params"])
+    self.state = train.create_train_state(variables["params"], variables["batch_stats"], self.tx)
+    self.batch = jax.device_put(_batch(case))
+    self.key = jax.random.key(1)
+    self.step = train.jit_train_step(self.model, self.tx, _attack(case))
+    t = _now()
+    self.compiled = self.step.lower(self.state, self.batch, self.key).compile()
+    self.compile_s = _now() - t
+    self.metrics = None
+
+  def __call__(self) -> None:
+    self.state, self.metrics = self.step(self.state, self.batch, self.key)
+    # Blocking on a tiny output keeps the timing honest without a host round-trip of state.
+    jax.block_until_ready(self.metrics)
+
+  def recompiles(self) -> int:
+    """Traces beyond the first (0 means one compilation served every call)."""
+    return max(self.step._cache_size() - 1, 0)  # pylint: disable=protected-access
+
+  def memory_mb(self) -> float:
+    """XLA's footprint of the compiled step: arguments + outputs + temporaries - aliased."""
+    m = self.compiled.memory_analysis()
+    if m is None:
+      return float("nan")
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+    return total / 2 ** 20
+
+  def flops(self) -> float:
+    """FLOPs of one step from XLA's cost analysis.
+
+    XLA counts a while-loop body once, so the PGD loop is added by hand: the step without
+    an attack (forward, backward, update) plus `steps` times one input-gradient pass.
+    """
+    case = self.case
+    no_attack = jax.jit(functools.partial(train.train_step, model=self.model, tx=self.tx,
+                                          attack=train.Attack("none")))
+    base = no_attack.lower(self.state, self.batch, self.key).compile().cost_analysis()["flops"]
+    apply_fn = train._logits_fn(self.model, self.state.batch_stats, train=True)  # pylint: disable=protected-access
+    y = self.batch["label"]
+
+    def input_grad(params, x):
+      loss = lambda x: optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, x), y)
+      return jax.grad(lambda x: loss(x).sum())(x)
+
+    per_iter = jax.jit(input_grad).lower(self.state.params, self.batch["image"]).compile(
+        ).cost_analysis()["flops"]
+    return float(base + case.steps * per_iter)
+
+
+def zu_update_vs_numpy(params: Any, repeats: int) -> dict[str, float]:
+  """Seconds of the jitted Z/U update (all pruned leaves) and of numpy's percentile on them."""
+  the_spec = sparsity.spec(SPEC)
+  rules = sparsity.rules_tree(params, the_spec)
+  u = jax.tree.map(lambda w: jnp.full_like(w, 1e-3), params)
+
+  @jax.jit
+  def zu(params, u):
+    z = sparsity.map_pruned(lambda r, w, uu: projections.project(w + uu, r.kind, r.ratio),
+                            rules, params, u, default=lambda *_: None)
+    u_new = sparsity.map_pruned(lambda r, w, uu, zz: uu + w - zz, rules, params, u, z,
+                                default=lambda *_: None)
+    return z, u_new
+
+  leaves = [(np.asarray(w), np.asarray(uu)) for w, uu in
+            zip(jax.tree.leaves(params), jax.tree.leaves(u)) if w.ndim >= 2]
+
+  def run_numpy():
+    for w, uu in leaves:
+      v = w + uu
+      a = np.abs(v)
+      thresh = np.percentile(a, 100 * PRUNE)
+      z = np.where(a > thresh, v, 0)
+      _ = uu + w - z
+
+  fns = {"jax": lambda: jax.block_until_ready(zu(params, u)), "numpy": run_numpy}
+  times = alternate(fns, repeats, 0.2)
+  return {"zu_update_ms": 1e3 * _median(times["jax"]),
+          "numpy_percentile_ms": 1e3 * _median(times["numpy"])}
+
+
+def input_pipeline_ex_per_s(case: Case, seconds: float = 1.0) -> float:
+  """Examples/s of `data.epoch_batches` (+ `data.prefetch`) over uint8 images of the case."""
+  n = case.batch * 64
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (n,) + INPUT_SHAPES[case.model], np.uint8)
+  labels = rng.integers(0, 10, n)
+  augment = "cifar" if case.model != "lenet" else None
+  count, t, epoch = 0, _now(), 0
+  while _now() - t < seconds:
+    with data.prefetch(data.epoch_batches(images, labels, case.batch, seed=0, epoch=epoch,
+                                          augment=augment), size=3) as it:
+      for b in it:
+        jax.block_until_ready(b["image"]) if isinstance(b["image"], jax.Array) else None
+        count += len(b["label"])
+    epoch += 1
+  return count / (_now() - t)
+
+
+def eval_ex_per_s(case: Case, state: train.TrainState, repeats: int) -> float:
+  """Examples/s of the jitted PGD-K robust evaluation step (natural + adversarial)."""
+  model = _model(case)
+  step = train.jit_eval_step(model, _attack(case))
+  batch = jax.device_put(_batch(case, 1))
+  key = jax.random.key(2)
+  run = lambda: jax.block_until_ready(step(state.params, state.batch_stats, batch, key))
+  return case.batch / _median(alternate({"eval": run}, repeats, 0.5)["eval"])
+
+
+# ----------------------------------------------------------------------------- the torch side
+
+class TorchStep:
+  """The PyTorch-eager re-statement (`bench_torch`) on the same batch, NCHW."""
+
+  def __init__(self, case: Case):
+    import torch  # pylint: disable=import-outside-toplevel
+    from admm_jax import bench_torch  # pylint: disable=import-outside-toplevel
+    torch.manual_seed(0)
+    shape = INPUT_SHAPES[case.model]
+    self.trainer = bench_torch.TorchADMMTrainer(
+        bench_torch.build_model(case.model, case.width, shape[-1]), eps=EPS,
+        step_size=STEP_SIZE, steps=case.steps, lr=LR, momentum=MOMENTUM, rho=RHO,
+        prune_ratio=PRUNE)
+    b = _batch(case)
+    self.x = torch.from_numpy(np.ascontiguousarray(b["image"].transpose(0, 3, 1, 2)))
+    self.y = torch.from_numpy(b["label"].astype(np.int64))
+
+  def __call__(self) -> None:
+    self.trainer.step(self.x, self.y)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run_case(case: Case, *, repeats: int, min_seconds: float, use_torch: bool, extras: bool,
+             peak_gflops: float, log: Callable[[str], None]) -> dict[str, Any]:
+  """Measures one row (see the module docstring)."""
+  log(f"case {case.model}(w={case.width}) PGD-{case.steps} batch {case.batch}: compiling")
+  step = JaxStep(case)
+  flops = step.flops()
+  matmul = Matmul()
+  fns: dict[str, Callable[[], None]] = {"jax": step}
+  if use_torch:
+    fns["torch"] = TorchStep(case)
+  fns["matmul"] = matmul
+  log("  timing " + " / ".join(fns))
+  times = alternate(fns, repeats, min_seconds)
+  jax_s = _median(times["jax"])
+  # The peak as measured in the same rounds as the steps (same load), and the best ever seen.
+  peak = max(matmul.flops / _median(times["matmul"]) / 1e9, 1e-9)
+  peak_best = max(peak_gflops, matmul.flops / min(times["matmul"]) / 1e9)
+  row: dict[str, Any] = {
+      "model": case.model, "width": case.width, "steps": case.steps, "batch": case.batch,
+      "admm_jax_ex_per_s": case.batch / jax_s,
+      "torch_ex_per_s": None, "ratio": None, "ratio_min": None, "ratio_max": None,
+      "flops_per_step": flops, "admm_jax_gflop_per_s": flops / jax_s / 1e9,
+      "admm_jax_pct_of_peak": 100 * flops / jax_s / 1e9 / peak,
+      "matmul_peak_gflop_per_s": peak, "matmul_best_gflop_per_s": peak_best,
+      "torch_gflop_per_s": None, "torch_pct_of_peak": None,
+      "compile_s": step.compile_s, "xla_memory_mb": step.memory_mb(),
+      "recompiles": step.recompiles(), "repeats": repeats,
+      "load_avg_1m": os.getloadavg()[0],
+  }
+  if use_torch:
+    ratios = [t / j for j, t in zip(times["jax"], times["torch"])]
+    torch_s = _median(times["torch"])
+    row.update(torch_ex_per_s=case.batch / torch_s, ratio=_median(ratios),
+               ratio_min=min(ratios), ratio_max=max(ratios),
+               torch_gflop_per_s=flops / torch_s / 1e9,
+               torch_pct_of_peak=100 * flops / torch_s / 1e9 / peak)
+  if extras:
+    log("  extras: admm / apply_masks overhead, Z/U update, input pipeline, eval")
+    plain, masked = JaxStep(case, "sgd"), JaxStep(case, "masks")
+    t = alternate({"admm": step, "sgd": plain, "masks": masked}, repeats, min_seconds)
+    admm_r = [a / p for a, p in zip(t["admm"], t["sgd"])]
+    mask_r = [m / p for m, p in zip(t["masks"], t["sgd"])]
+    row.update(admm_overhead_pct=100 * (_median(admm_r) - 1),
+               apply_masks_overhead_pct=100 * (_median(mask_r) - 1),
+               plain_sgd_ex_per_s=case.batch / _median(t["sgd"]))
+    row.update(zu_update_vs_numpy(step.state.params, repeats))
+    row["input_pipeline_ex_per_s"] = input_pipeline_ex_per_s(case)
+    row["eval_pgd_ex_per_s"] = eval_ex_per_s(case, step.state, repeats)
+  row["recompiles"] = step.recompiles()
+  return row
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+  """Where the numbers come from."""
+  info = {"cpu_count": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+          "python": platform.python_version(), "jax": jax.__version__,
+          "backend": jax.default_backend(), "malloc_tuned": layers.tune_malloc_for_cpu()}
+  try:
+    with open("/proc/cpuinfo") as f:
+      info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    info["cpu"] = platform.processor()
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    info["torch"] = torch.__version__
+  except ImportError:
+    info["torch"] = None
+  return info
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+  """A markdown table of the rows."""
+  f = lambda v, fmt: "-" if v is None else format(v, fmt)
+  head = ("| model | w | K | batch | admm_jax ex/s | torch ex/s | ratio (min-max) | jax GFLOP/s "
+          "(% peak) | torch % peak | matmul GFLOP/s | compile s | XLA MB | admm / masks overhead | Z/U ms "
+          "(numpy) | input ex/s | eval ex/s |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in rows:
+    ratio = "-" if r["ratio"] is None else (f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-"
+                                            f"{r['ratio_max']:.2f})")
+    over = ("-" if "admm_overhead_pct" not in r else
+            f"{r['admm_overhead_pct']:+.1f}% / {r['apply_masks_overhead_pct']:+.1f}%")
+    zu = ("-" if "zu_update_ms" not in r else
+          f"{r['zu_update_ms']:.1f} ({r['numpy_percentile_ms']:.1f})")
+    lines.append(
+        f"| {r['model']} | {r['width']} | {r['steps']} | {r['batch']} | "
+        f"{r['admm_jax_ex_per_s']:.1f} | {f(r['torch_ex_per_s'], '.1f')} | {ratio} | "
+        f"{r['admm_jax_gflop_per_s']:.1f} ({r['admm_jax_pct_of_peak']:.0f}%) | "
+        f"{f(r['torch_pct_of_peak'], '.0f')}{'' if r['torch_pct_of_peak'] is None else '%'} | "
+        f"{r['matmul_peak_gflop_per_s']:.0f} | "
+        f"{r['compile_s']:.1f} | {r['xla_memory_mb']:.0f} | {over} | {zu} | "
+        f"{f(r.get('input_pipeline_ex_per_s'), '.0f')} | {f(r.get('eval_pgd_ex_per_s'), '.0f')} |")
+  return "\n".join(lines)
+
+
+def _set_threads(threads: int | None) -> int:
+  """Pins this process to `threads` cores (both XLA and torch size their pools from it)."""
+  available = sorted(os.sched_getaffinity(0))
+  if threads is None:
+    threads = len(available)
+  if not 1 <= threads <= len(available):
+    raise SystemExit(f"--threads must be in [1, {len(available)}], got {threads}.")
+  os.sched_setaffinity(0, available[:threads])
+  return threads
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+  """Command line entry point; returns the rows."""
+  p = argparse.ArgumentParser(prog="python -m admm_jax.bench", description=__doc__.split("\n")[0])
+  p.add_argument("--cases", help="comma-separated model:width:steps[:batch] "
+                 f"(default: {','.join(DEFAULT_CASES)})")
+  p.add_argument("--quick", action="store_true", help=f"cases {','.join(QUICK_CASES)}, fewer "
+                 "repeats (under 3 minutes on 2 cores)")
+  p.add_argument("--threads", type=int, help="cores for both sides (default: all available)")
+  p.add_argument("--repeats", type=int, help="alternating rounds per case (default 5; quick 3)")
+  p.add_argument("--min-seconds", type=float, default=None,
+                 help="seconds per timed round and side (default 1.0; quick 0.5)")
+  p.add_argument("--json", action="store_true", help="print the rows as JSON")
+  p.add_argument("--no-torch", action="store_true", help="time admm_jax only")
+  p.add_argument("--no-extras", action="store_true", help="skip overhead / Z/U / input / eval")
+  args = p.parse_args(argv)
+
+  threads = _set_threads(args.threads)
+  cases = [Case.parse(c) for c in (args.cases.split(",") if args.cases else
+                                   (QUICK_CASES if args.quick else DEFAULT_CASES))]
+  repeats = args.repeats or (3 if args.quick else 5)
+  min_seconds = args.min_seconds or (0.5 if args.quick else 1.0)
+  use_torch = not args.no_torch
+  if use_torch:
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise SystemExit("torch is not installed: pip install 'admm_jax[bench]' "
+                       "(or pass --no-torch).") from None
+    torch.set_num_threads(threads)
+  log = (lambda s: print(s, file=sys.stderr, flush=True))
+  if jax.default_backend() == "cpu":
+    # What the im2col path does at its first trace, done first so that both sides of every
+    # pair run under the same malloc settings.
+    layers.tune_malloc_for_cpu()
+  peak = matmul_peak_gflops()
+  log(f"float32 matmul peak: {peak:.1f} GFLOP/s on {threads} thread(s); "
+      f"load average {os.getloadavg()[0]:.2f}")
+  rows = []
+  for case in cases:
+    row = run_case(case, repeats=repeats, min_seconds=min_seconds, use_torch=use_torch,
+                   extras=not args.no_extras, peak_gflops=peak, log=log)
+    rows.append(row)
+    log(format_table([row]).splitlines()[-1])
+  info = machine_info(threads)
+  for row in rows:
+    row["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  if args.json:
+    for row in rows:
+      row["machine"] = info
+    print(json.dumps(rows, indent=1))
+  else:
+    print(f"Machine: {info['cpu']}, {info['cpu_count']} cores ({threads} used), jax "
+          f"{info['jax']}, torch {info['torch']}; float32 matmul: best {peak:.1f} GFLOP/s at "
+          f"start, median per case in the table (% peak uses it); "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(format_table(rows))
+  return rows
+
+
+if __name__ == "__main__":
+  main()

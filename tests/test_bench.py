@@ -1,0 +1,89 @@
+"""The benchmark: its JSON rows, and that the PyTorch re-statement computes the same LeNet."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from admm_jax import bench, models, train
+
+ROW_NUMBERS = ("admm_jax_ex_per_s", "flops_per_step", "admm_jax_gflop_per_s",
+               "admm_jax_pct_of_peak", "compile_s", "xla_memory_mb", "matmul_peak_gflop_per_s")
+
+
+def test_case_parse_defaults_and_errors():
+  assert bench.Case.parse("lenet:16:10") == bench.Case("lenet", 16, 10, 64)
+  assert bench.Case.parse("vgg16:4:10") == bench.Case("vgg16", 4, 10, 128)
+  assert bench.Case.parse("resnet18:4:10:32").batch == 32
+  for bad in ("lenet:16", "alexnet:1:10", "lenet:x:10", "lenet:0:10"):
+    with pytest.raises(ValueError):
+      bench.Case.parse(bad)
+
+
+def test_smallest_case_json_schema_without_torch():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one host device, as a user runs it (conftest forces 8)
+  out = subprocess.run(
+      [sys.executable, "-m", "admm_jax.bench", "--cases", "lenet:1:2:16", "--no-torch",
+       "--no-extras", "--json", "--repeats", "2", "--min-seconds", "0.05"],
+      capture_output=True, text=True, timeout=120, env=env, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = json.loads(out.stdout)
+  assert isinstance(rows, list) and len(rows) == 1
+  row = rows[0]
+  assert (row["model"], row["width"], row["steps"], row["batch"]) == ("lenet", 1, 2, 16)
+  for k in ROW_NUMBERS:
+    assert row[k] > 0, (k, row[k])
+  assert row["torch_ex_per_s"] is None and row["ratio"] is None
+  assert row["recompiles"] == 0
+  assert row["machine"]["backend"] == "cpu"
+
+
+def test_zu_update_and_numpy_percentile_are_timed():
+  model = models.get_model("lenet", 1)
+  params = train.init_variables(model, jax.random.key(0), (28, 28, 1))["params"]
+  out = bench.zu_update_vs_numpy(params, repeats=1)
+  assert out["zu_update_ms"] > 0 and out["numpy_percentile_ms"] > 0
+
+
+def _torch():
+  """torch, or a skip on a machine without it; CI (CI=true) installs it, so there it must import."""
+  if os.environ.get("CI") == "true":
+    import torch  # pylint: disable=import-outside-toplevel
+    return torch
+  return pytest.importorskip("torch", reason="torch is not installed (pip install admm_jax[bench])")
+
+
+def test_torch_lenet_matches_flax_logits():
+  torch = _torch()
+  from admm_jax import bench_torch
+  width = 2
+  model = models.get_model("lenet", width)
+  params = train.init_variables(model, jax.random.key(3), (28, 28, 1))["params"]
+  # Non-zero biases, so that a bias mix-up would show.
+  params = jax.tree.map(lambda p: p + 0.01 * np.arange(p.size).reshape(p.shape) / p.size
+                        if p.ndim == 1 else p, params)
+  x = np.random.default_rng(0).random((5, 28, 28, 1), np.float32)
+  want = np.asarray(model.apply({"params": params}, x))
+  tmodel = bench_torch.build_model("lenet", width, 1)
+  bench_torch.load_flax_params(tmodel, jax.device_get(params), "lenet")
+  with torch.no_grad():
+    got = tmodel(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_trainer_step_runs_and_keeps_the_attack_in_the_box():
+  torch = _torch()
+  from admm_jax import bench_torch
+  torch.manual_seed(0)
+  tmodel = bench_torch.build_model("lenet", 1, 1)
+  x = torch.rand(4, 1, 28, 28)
+  y = torch.randint(0, 10, (4,))
+  x_adv = bench_torch.pgd_attack(tmodel, x, y, eps=0.3, step_size=0.01, steps=3)
+  assert float((x_adv - x).abs().max()) <= 0.3 + 1e-6
+  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+  trainer = bench_torch.TorchADMMTrainer(tmodel, eps=0.3, step_size=0.01, steps=2)
+  assert np.isfinite(float(trainer.step(x, y)))
