@@ -32,22 +32,7 @@ Examples:
 EOF
 }
 
-die() { echo "error: $*" >&2; exit 2; }
-
-quote() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-show() {
-  local words=() w
-  for w in "$@"; do words+=("$(quote "$w")"); done
-  echo "${words[*]}"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # die, quote, show
 
 CONFIG="" WORKDIR="runs/local_gpus" GPUS="" PROCESSES=1 PORT=12355 CPU_DEVICES=0
 PYTHON=python3 DRY_RUN=0 OVERRIDES=()

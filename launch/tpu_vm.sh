@@ -42,23 +42,11 @@ Example:
 EOF
 }
 
-die() { echo "error: $*" >&2; exit 2; }
-
-# Quotes one word for a POSIX shell: as it is when harmless, else in single quotes.
-quote() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # die, quote, show
 
 # Prints a command, quoted; runs it unless --dry-run.
 run() {
-  local words=() w
-  for w in "$@"; do words+=("$(quote "$w")"); done
-  echo "${words[*]}"
+  show "$@"
   if [[ $DRY_RUN == 0 ]]; then "$@"; fi
 }
 

@@ -134,7 +134,7 @@ def _require_fashion_mnist():
     if IN_CI:
       pytest.fail(f"CI=true but Fashion-MNIST is missing at {FASHION_DIR}: "
                   "apt-get install dataset-fashion-mnist in the CI setup.")
-    pytest.skip(f"Fashion-MNIST not installed at {FASHION_DIR} "
+    pytest.skip(reason=f"Fashion-MNIST not installed at {FASHION_DIR} "
                 "(apt-get install dataset-fashion-mnist)")
 
 
