@@ -70,14 +70,21 @@ def create_train_state(params: Any, batch_stats: Any, tx: optax.GradientTransfor
                     opt_state=tx.init(params))
 
 
-def _logits_fn(model: nn.Module, batch_stats: Any, train: bool) -> Callable:
-  """(params, x) -> logits; in train mode with batch statistics and the update discarded."""
+def _apply(model: nn.Module, params: Any, batch_stats: Any, x: jax.Array, train: bool
+           ) -> tuple[jax.Array, Any]:
+  """(logits, batch_stats after the call): in train mode BatchNorm uses and updates batch stats."""
   if not batch_stats:
-    return lambda p, x: model.apply({"params": p}, x, train=train)
+    return model.apply({"params": params}, x, train=train), batch_stats
+  variables = {"params": params, "batch_stats": batch_stats}
   if not train:
-    return lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x, train=False)
-  return lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                                  mutable=["batch_stats"])[0]
+    return model.apply(variables, x, train=False), batch_stats
+  logits, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  return logits, updated["batch_stats"]
+
+
+def _logits_fn(model: nn.Module, batch_stats: Any, train: bool) -> Callable:
+  """(params, x) -> logits, for the attacks; in train mode the stats update is discarded."""
+  return lambda p, x: _apply(model, p, batch_stats, x, train)[0]
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
@@ -101,12 +108,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   x_adv = attack(_logits_fn(model, state.batch_stats, train=True), state.params, x, y, step_key)
 
   def loss_fn(params):
-    if state.batch_stats:
-      logits, updated = model.apply({"params": params, "batch_stats": state.batch_stats}, x_adv,
-                                    train=True, mutable=["batch_stats"])
-      new_stats = updated["batch_stats"]
-    else:
-      logits, new_stats = model.apply({"params": params}, x_adv, train=True), state.batch_stats
+    logits, new_stats = _apply(model, params, state.batch_stats, x_adv, train=True)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return losses.mean(), (losses, logits, new_stats)
 
