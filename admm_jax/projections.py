@@ -100,12 +100,22 @@ def group_sq_norms(w: jax.Array, kind: str) -> jax.Array:
   return jnp.sum(jnp.square(x), axis=0 if kind == "filter" else 1)
 
 
+_ROW = 64  # Entries per int8 row count in `top_k_mask` (at most 127).
+
+
 def top_k_mask(scores: jax.Array, k: int) -> jax.Array:
   """Boolean mask of the k largest entries of a non-negative float32 vector; lower index wins ties.
 
   Bisection on the float bit patterns (their integer order is the order of non-negative
-  floats) finds the k-th largest value in 31 counting passes: O(31 n) and no sort, which on
-  CPU is far faster than a sort-based top-k for millions of weights. Exactly k entries are kept.
+  floats) finds the k-th largest value in 32 counting passes: O(32 n) and no sort, which on
+  CPU is far faster than a sort-based top-k for millions of weights. Exactly k entries are
+  kept: of the entries equal to the threshold, the lowest-index ones fill the free slots.
+
+  Each count adds up int8 counts of rows of `_ROW` entries: XLA:CPU writes the comparison
+  out before a long reduction, and as int8 that copy is 4x smaller than as int32. Ties cost
+  one more pass: only the row where the free slots run out needs a prefix count, not the
+  whole vector (a full cumsum took as long as the bisection). On LeNet(16)'s 3.2M fc1
+  weights the Z/U update went from 158 to 45 ms (numpy's percentile: 61 ms).
   """
   n = scores.shape[0]
   if k >= n:
@@ -113,25 +123,35 @@ def top_k_mask(scores: jax.Array, k: int) -> jax.Array:
   if k <= 0:
     return jnp.zeros((n,), bool)
   bits = lax.bitcast_convert_type(jnp.maximum(scores, 0.0), jnp.uint32)
+  rows = -(-n // _ROW)
+  pad = rows * _ROW - n
+  # Padding entries are 0 and sit after every real entry, so they never win a tie.
+  bits2d = jnp.pad(bits, (0, pad)).reshape(rows, _ROW)
+
+  def count_ge(t):
+    total = jnp.sum(jnp.sum(bits2d >= t, axis=1, dtype=jnp.int8), dtype=jnp.int32)
+    return total - jnp.where(t == 0, pad, 0)
 
   def bisect(_, bounds):
     lo, hi = bounds  # invariant: count(bits >= lo) >= k > count(bits >= hi)
     mid = lo + (hi - lo) // 2
-    enough = jnp.sum(bits >= mid, dtype=jnp.int32) >= k
+    enough = count_ge(mid) >= k
     return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
   lo, _ = lax.fori_loop(0, 32, bisect, (jnp.uint32(0), jnp.uint32(0x80000000)))
-  # Keep all groups above the threshold and the lowest-index ones at it, up to k in total.
-  slots = k - jnp.sum(bits > lo, dtype=jnp.int32)
-
-  def break_ties(_):
-    at = bits == lo
-    return (bits > lo) | (at & (jnp.cumsum(at, dtype=jnp.int32) <= slots))
-
-  # Usually every group at the threshold fits (slots == count(at), as count(>= lo) >= k):
-  # then skip the cumsum, which costs XLA:CPU as much as the whole bisection.
-  return lax.cond(jnp.sum(bits == lo, dtype=jnp.int32) <= slots, lambda _: bits >= lo,
-                  break_ties, None)
+  above = bits2d > lo
+  at = bits2d == lo
+  slots = k - jnp.sum(jnp.sum(above, axis=1, dtype=jnp.int32))
+  # Entries at the threshold, row by row: rows before `last` fit whole; in row `last` the
+  # first `slots - before` of them fit; rows after it get none.
+  at_per_row = jnp.sum(at, axis=1, dtype=jnp.int32)
+  through = jnp.cumsum(at_per_row)
+  last = jnp.minimum(jnp.sum(through < slots), rows - 1)
+  before = through[last] - at_per_row[last]
+  in_last = jnp.cumsum(lax.dynamic_index_in_dim(at, last, keepdims=False), dtype=jnp.int32)
+  row = lax.broadcasted_iota(jnp.int32, (rows, _ROW), 0)
+  fits = jnp.where(row == last, in_last[None, :] <= slots - before, row < last)
+  return (above | (at & fits)).reshape(-1)[:n]
 
 
 def group_keep(w: jax.Array, kind: str, ratio: float | None) -> jax.Array:

@@ -136,6 +136,35 @@ def test_large_irregular_projection_matches_numpy_sort():
   np.testing.assert_array_equal(keep, expected)
 
 
+def _stable_top_k(scores, k):
+  """Reference: the k largest scores, lower index first among equals (numpy stable sort)."""
+  keep = np.zeros(scores.shape, bool)
+  keep[np.argsort(-scores, kind="stable")[:k]] = True
+  return keep
+
+
+@pytest.mark.parametrize("n", [3 * P._ROW + 17, 4 * P._ROW])
+def test_top_k_ties_spanning_many_rows_keep_the_lowest_indices(n):
+  # Five levels only: thousands of entries tie at the threshold, across several count rows,
+  # and the free slots run out at every position of a row as k varies.
+  rng = np.random.default_rng(n)
+  scores = rng.integers(0, 5, n).astype(np.float32)
+  top_k = jax.jit(P.top_k_mask, static_argnums=1)
+  for k in sorted({1, 2, n // 5, n // 3, n // 2 + 1, n - P._ROW + 3, n - 2, n - 1}):
+    got = np.asarray(top_k(jnp.asarray(scores), k))
+    assert got.sum() == k
+    np.testing.assert_array_equal(got, _stable_top_k(scores, k), err_msg=f"k={k}")
+
+
+def test_top_k_with_zero_scores_and_padding():
+  # A threshold of exactly 0.0 (bit pattern 0) must not count the zero padding of the rows.
+  scores = np.zeros(P._ROW + 5, np.float32)
+  scores[[3, P._ROW // 2, P._ROW + 4]] = [2.0, 1.0, 3.0]
+  for k in (2, 3, 4, 10, P._ROW + 4):
+    got = np.asarray(P.top_k_mask(jnp.asarray(scores), k))
+    np.testing.assert_array_equal(got, _stable_top_k(scores, k), err_msg=f"k={k}")
+
+
 def _brute_force_nm(w, n, m):
   """Per (row-group of m along axis -2, output): keep the n largest |w|, lower index on ties."""
   w = np.asarray(w)
