@@ -1,7 +1,7 @@
 """Benchmark: admm_jax's jitted adversarial ADMM train step next to a PyTorch-eager loop.
 
 Run: python -m admm_jax.bench [--quick] [--json] [--cases lenet:16:10:64,...] [--threads N]
-     [--repeats R] [--no-torch] [--no-extras]
+     [--repeats R] [--no-torch] [--no-extras] [--profile [TOP]]
 
 For each case (model:width:pgd_steps:batch) it times admm_jax's jitted train step (PGD-K
 adversarial examples, cross-entropy on them, the ADMM penalty from `transforms.admm`, SGD
@@ -13,7 +13,7 @@ achieved FLOP/s against the machine's measured float32 matmul peak (FLOPs from X
 analysis), compile time, XLA's memory footprint, recompilations after the first step, and
 (extras) the cost of `admm` and `apply_masks` over a plain SGD step, the Z/U update next to
 numpy's percentile on the same weights, the input pipeline's and the PGD evaluation's
-examples/s.
+examples/s. `--profile` adds, per case, the step's slowest XLA operations (`opprofile`).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from admm_jax import data, models, projections, sparsity, train, transforms
+from admm_jax import data, models, opprofile, projections, sparsity, train, transforms
 from admm_jax.models import layers
 
 EPS, STEP_SIZE = 0.3, 0.01        # MNIST-style Linf attack, as in the issue
@@ -186,6 +186,12 @@ class JaxStep:
     # Blocking on a tiny output keeps the timing honest without a host round-trip of state.
     jax.block_until_ready(self.metrics)
 
+  def profile(self, top: int) -> dict[str, Any]:
+    """Per-XLA-op time of the step (see `opprofile.profile_ops`), on a non-donating twin."""
+    step = jax.jit(functools.partial(train.train_step, model=self.model, tx=self.tx,
+                                     attack=_attack(self.case)))
+    return opprofile.profile_ops(step, (self.state, self.batch, self.key), top=top)
+
   def recompiles(self) -> int:
     """Traces beyond the first (0 means one compilation served every call)."""
     return max(self.step._cache_size() - 1, 0)  # pylint: disable=protected-access
@@ -305,7 +311,8 @@ class TorchStep:
 # ----------------------------------------------------------------------------- driver
 
 def run_case(case: Case, *, repeats: int, min_seconds: float, use_torch: bool, extras: bool,
-             peak_gflops: float, log: Callable[[str], None]) -> dict[str, Any]:
+             peak_gflops: float, log: Callable[[str], None], profile_top: int = 0
+             ) -> dict[str, Any]:
   """Measures one row (see the module docstring)."""
   log(f"case {case.model}(w={case.width}) PGD-{case.steps} batch {case.batch}: compiling")
   step = JaxStep(case)
@@ -352,6 +359,9 @@ def run_case(case: Case, *, repeats: int, min_seconds: float, use_torch: bool, e
     row.update(zu_update_vs_numpy(step.state.params, repeats))
     row["input_pipeline_ex_per_s"] = input_pipeline_ex_per_s(case)
     row["eval_pgd_ex_per_s"] = eval_ex_per_s(case, step.state, repeats)
+  if profile_top:
+    log("  profiling the step per XLA op")
+    row["profile"] = step.profile(profile_top)
   row["recompiles"] = step.recompiles()
   return row
 
@@ -424,6 +434,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   p.add_argument("--json", action="store_true", help="print the rows as JSON")
   p.add_argument("--no-torch", action="store_true", help="time admm_jax only")
   p.add_argument("--no-extras", action="store_true", help="skip overhead / Z/U / input / eval")
+  p.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="TOP",
+                 help="also profile each case's step per XLA op and print the TOP slowest "
+                 "ops (default 15)")
   args = p.parse_args(argv)
 
   threads = _set_threads(args.threads)
@@ -450,7 +463,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   rows = []
   for case in cases:
     row = run_case(case, repeats=repeats, min_seconds=min_seconds, use_torch=use_torch,
-                   extras=not args.no_extras, peak_gflops=peak, log=log)
+                   extras=not args.no_extras, peak_gflops=peak, log=log,
+                   profile_top=args.profile)
     rows.append(row)
     log(format_table([row]).splitlines()[-1])
   info = machine_info(threads)
@@ -466,6 +480,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           f"start, median per case in the table (% peak uses it); "
           f"load average {os.getloadavg()[0]:.2f}")
     print(format_table(rows))
+    for row in rows:
+      if "profile" in row:
+        print(f"\nProfile of {row['model']}(w={row['width']}) PGD-{row['steps']} batch "
+              f"{row['batch']}, per train step:")
+        print(opprofile.format_profile(row["profile"]))
   return rows
 
 

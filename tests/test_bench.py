@@ -28,7 +28,7 @@ def test_smallest_case_json_schema_without_torch():
   env.pop("XLA_FLAGS", None)  # one host device, as a user runs it (conftest forces 8)
   out = subprocess.run(
       [sys.executable, "-m", "admm_jax.bench", "--cases", "lenet:1:2:16", "--no-torch",
-       "--no-extras", "--json", "--repeats", "2", "--min-seconds", "0.05"],
+       "--no-extras", "--json", "--repeats", "2", "--min-seconds", "0.05", "--profile", "5"],
       capture_output=True, text=True, timeout=120, env=env, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = json.loads(out.stdout)
@@ -40,6 +40,10 @@ def test_smallest_case_json_schema_without_torch():
   assert row["torch_ex_per_s"] is None and row["ratio"] is None
   assert row["recompiles"] == 0
   assert row["machine"]["backend"] == "cpu"
+  # --profile: the step's slowest XLA ops, each traced back to the JAX operation it runs.
+  prof = row["profile"]
+  assert 0 < len(prof["rows"]) <= 5 and prof["ms_per_call"] > 0
+  assert any("dot_general" in r["source"] for r in prof["rows"]), prof["rows"]
 
 
 def test_zu_update_and_numpy_percentile_are_timed():
