@@ -53,16 +53,15 @@ def _trace_events(trace_dir: str) -> list[tuple[str, float]]:
   return events
 
 
-def profile_ops(fn: Callable[..., Any], args: tuple, *, calls: int = 3, top: int = 20,
-                prepare: Callable[[], tuple] | None = None) -> dict[str, Any]:
+def profile_ops(fn: Callable[..., Any], args: tuple, *, calls: int = 3, top: int = 20
+                ) -> dict[str, Any]:
   """Profiles `calls` calls of the jitted `fn(*args)`, per XLA operation.
 
   Args:
-    fn: a `jax.jit`-wrapped function (not donating its arguments, or give `prepare`).
+    fn: a `jax.jit`-wrapped function that does not donate its arguments (they are reused).
     args: its arguments.
     calls: profiled calls (after one warm-up call).
     top: rows to return, the slowest first.
-    prepare: optional; called before each call to produce fresh `args` (for donated inputs).
 
   Returns:
     {"ms_per_call": summed op time per call, "rows": [{"op", "ms_per_call", "share",
@@ -70,12 +69,11 @@ def profile_ops(fn: Callable[..., Any], args: tuple, *, calls: int = 3, top: int
     all profiled op time.
   """
   instructions = hlo_instructions(fn.lower(*args).compile().as_text())
-  get_args = prepare or (lambda: args)
-  jax.block_until_ready(fn(*get_args()))
+  jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory(prefix="admm_jax_profile_") as trace_dir:
     with jax.profiler.trace(trace_dir):
       for _ in range(calls):
-        jax.block_until_ready(fn(*get_args()))
+        jax.block_until_ready(fn(*args))
     events = _trace_events(trace_dir)
   total_ns: collections.Counter = collections.Counter()
   count: collections.Counter = collections.Counter()
