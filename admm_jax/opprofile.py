@@ -68,12 +68,13 @@ def profile_ops(fn: Callable[..., Any], args: tuple, *, calls: int = 3, top: int
     "count_per_call", "shape", "opcode", "source"}, ...]} where share is the op's fraction of
     all profiled op time.
   """
-  instructions = hlo_instructions(fn.lower(*args).compile().as_text())
-  jax.block_until_ready(fn(*args))
+  compiled = fn.lower(*args).compile()  # Called below too: one compilation, not two.
+  instructions = hlo_instructions(compiled.as_text())
+  jax.block_until_ready(compiled(*args))
   with tempfile.TemporaryDirectory(prefix="admm_jax_profile_") as trace_dir:
     with jax.profiler.trace(trace_dir):
       for _ in range(calls):
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(compiled(*args))
     events = _trace_events(trace_dir)
   total_ns: collections.Counter = collections.Counter()
   count: collections.Counter = collections.Counter()

@@ -107,7 +107,7 @@ def top_k_mask(scores: jax.Array, k: int) -> jax.Array:
   """Boolean mask of the k largest entries of a non-negative float32 vector; lower index wins ties.
 
   Bisection on the float bit patterns (their integer order is the order of non-negative
-  floats) finds the k-th largest value in 32 counting passes: O(32 n) and no sort, which on
+  floats) finds the k-th largest value in 31 counting passes: O(31 n) and no sort, which on
   CPU is far faster than a sort-based top-k for millions of weights. Exactly k entries are
   kept: of the entries equal to the threshold, the lowest-index ones fill the free slots.
 
@@ -138,10 +138,11 @@ def top_k_mask(scores: jax.Array, k: int) -> jax.Array:
     enough = count_ge(mid) >= k
     return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
-  lo, _ = lax.fori_loop(0, 32, bisect, (jnp.uint32(0), jnp.uint32(0x80000000)))
+  # 31 halvings take hi - lo from 2^31 to 1: lo is then the k-th largest bit pattern.
+  lo, _ = lax.fori_loop(0, 31, bisect, (jnp.uint32(0), jnp.uint32(0x80000000)))
   above = bits2d > lo
   at = bits2d == lo
-  slots = k - jnp.sum(jnp.sum(above, axis=1, dtype=jnp.int32))
+  slots = k - count_ge(lo + 1)
   # Entries at the threshold, row by row: rows before `last` fit whole; in row `last` the
   # first `slots - before` of them fit; rows after it get none.
   at_per_row = jnp.sum(at, axis=1, dtype=jnp.int32)
