@@ -126,6 +126,61 @@ def test_max_pool_2x2_matches_flax_max_pool_values_and_gradients():
   np.testing.assert_allclose(dx, dx_ref, **TOL)
 
 
+def _jnp_max_pool(x):
+  """The reference rule: a reshape and `jnp.max`, whose gradient splits ties evenly."""
+  b, h, w, c = x.shape
+  return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+def _tied_inputs(seed: int = 0) -> np.ndarray:
+  """Small integers: most windows hold ties (2, 3 or 4 equal maxima), many of them zeros."""
+  return np.random.default_rng(seed).integers(-2, 3, (3, 6, 8, 5)).astype(np.float32)
+
+
+def test_max_pool_2x2_gradients_equal_jnp_max_exactly_on_ties():
+  # The hand-written derivative must be the same function as jnp.max's, ties included, in
+  # reverse mode (grad) and in forward mode (jvp), to the bit.
+  x = _tied_inputs()
+  rng = np.random.default_rng(1)
+  cotangent = rng.standard_normal((3, 3, 4, 5)).astype(np.float32)
+  tangent = rng.standard_normal(x.shape).astype(np.float32)
+
+  @jax.jit
+  def derivatives(x, cotangent, tangent):
+    out = []
+    for pool in (layers.max_pool_2x2, _jnp_max_pool):
+      y, vjp = jax.vjp(pool, x)
+      out.append((y, vjp(cotangent)[0], jax.jvp(pool, (x,), (tangent,))[1]))
+    return out
+
+  (y, dx, dy), (y_ref, dx_ref, dy_ref) = derivatives(x, cotangent, tangent)
+  windows = x.reshape(3, 3, 2, 4, 2, 5)
+  assert ((windows == y_ref[:, :, None, :, None]).sum(axis=(2, 4)) > 1).mean() > 0.3
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(dx, dx_ref)
+  np.testing.assert_array_equal(dy, dy_ref)
+
+
+def test_relu_after_max_pool_equals_relu_before_with_gradients():
+  # The models apply ReLU after the pool (4x fewer elements); this is the same function as
+  # ReLU then pool, with the same gradient also where ReLU's zeros tie inside a window.
+  x = _tied_inputs(2)
+  cotangent = np.random.default_rng(3).standard_normal((3, 3, 4, 5)).astype(np.float32)
+
+  @jax.jit
+  def values_and_grads(x, cotangent):
+    out = []
+    for f in (lambda x: nn.relu(layers.max_pool_2x2(x)),
+              lambda x: layers.max_pool_2x2(nn.relu(x))):
+      y, vjp = jax.vjp(f, x)
+      out.append((y, vjp(cotangent)[0]))
+    return out
+
+  (y, dx), (y_ref, dx_ref) = values_and_grads(x, cotangent)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(dx, dx_ref)
+
+
 def test_max_pool_2x2_rejects_odd_sizes():
   with pytest.raises(ValueError, match="even"):
     layers.max_pool_2x2(jnp.zeros((1, 5, 4, 1)))

@@ -56,15 +56,17 @@ class VGG16(nn.Module):
       raise ValueError(f"VGG16 width must be >= 1, got {self.width}.")
     x = normalize_input(x, self.input_mean, self.input_std)
     i = 0
-    for c in VGG16_CFG:
+    for c, next_c in zip(VGG16_CFG, VGG16_CFG[1:] + (None,)):
       if c == "M":
-        x = max_pool_2x2(x)
+        # ReLU after the pool: the same function as before it, on a quarter of the elements.
+        x = nn.relu(max_pool_2x2(x))
         continue
       i += 1
       x = Conv(vgg_channels(c, self.width), (3, 3), use_bias=False, impl=self.conv_impl,
                kernel_init=_CONV_INIT, name=f"conv{i}")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        name=f"bn{i}")(x)
-      x = nn.relu(x)
+      if next_c != "M":
+        x = nn.relu(x)
     x = x.reshape(x.shape[0], -1)
     return nn.Dense(self.num_classes, name="fc")(x)
