@@ -52,7 +52,10 @@ def _random_variables(model: nn.Module, shape: tuple[int, ...], seed: int = 0):
         ((2, 8, 8, 3), (1, 1, 3, 4), (2, 2), "SAME"),     # ResNet 1x1 shortcut
         ((2, 6, 5, 2), (3, 2, 2, 3), (1, 2), ((1, 0), (2, 1))),
     ])
-def test_im2col_conv_matches_lax_values_and_gradients(x_shape, kernel_shape, strides, padding):
+@pytest.mark.parametrize("impl", ["im2col", "hybrid"])
+def test_conv_impls_match_lax_values_and_gradients(impl, x_shape, kernel_shape, strides,
+                                                   padding):
+  conv_impl = {"im2col": layers.conv2d_im2col, "hybrid": layers.conv2d_hybrid}[impl]
   rng = np.random.default_rng(0)
   x = rng.standard_normal(x_shape, np.float32)
   kernel = rng.standard_normal(kernel_shape, np.float32)
@@ -62,13 +65,35 @@ def test_im2col_conv_matches_lax_values_and_gradients(x_shape, kernel_shape, str
   @jax.jit  # one compilation instead of one per eager op
   def values_and_grads(x, kernel, cotangent):
     out = []
-    for conv in (layers.conv2d_im2col, layers.conv2d_xla):
+    for conv in (conv_impl, layers.conv2d_xla):
       y, vjp = jax.vjp(lambda x, k: conv(x, k, strides, padding), x, kernel)
       out.append((y, *vjp(cotangent)))   # y, d/dx, d/dkernel
     return out
 
   got, want = values_and_grads(x, kernel, cotangent)
   chex.assert_trees_all_equal_shapes(got, want)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, **TOL)
+
+
+def test_hybrid_conv_forward_mode_and_input_only_gradient():
+  # Forward mode works (a custom_jvp, not a custom_vjp) and equals lax's; a gradient with
+  # respect to the input alone (the PGD case: the kernel's tangent is a symbolic zero) too.
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((2, 6, 6, 3), np.float32)
+  kernel = rng.standard_normal((3, 3, 3, 4), np.float32)
+  tx, tk = rng.standard_normal(x.shape, np.float32), rng.standard_normal(kernel.shape, np.float32)
+
+  @jax.jit
+  def derivatives(x, kernel, tx, tk):
+    out = []
+    for conv in (layers.conv2d_hybrid, layers.conv2d_xla):
+      y, ty = jax.jvp(conv, (x, kernel), (tx, tk))
+      gx = jax.grad(lambda x: jnp.sum(jnp.sin(conv(x, lax.stop_gradient(kernel)))))(x)
+      out.append((y, ty, gx))
+    return out
+
+  got, want = derivatives(x, kernel, tx, tk)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, **TOL)
 
@@ -100,10 +125,29 @@ def test_conv_module_impls_share_params_and_agree(use_bias):
 def test_conv_impl_resolution():
   assert layers.resolve_conv_impl("xla") == "xla"
   assert layers.resolve_conv_impl("im2col") == "im2col"
+  assert layers.resolve_conv_impl("hybrid") == "hybrid"
   expected = "im2col" if jax.default_backend() == "cpu" else "xla"
   assert layers.resolve_conv_impl("auto") == expected
   with pytest.raises(ValueError, match="impl"):
     layers.resolve_conv_impl("winograd")
+
+
+@pytest.mark.parametrize(
+    "out_hw, kernel_shape, strides, want",
+    [
+        ((14, 14), (5, 5, 8, 16), (1, 1), "hybrid"),      # LeNet(4) conv2
+        ((14, 14), (5, 5, 16, 32), (1, 1), "hybrid"),     # LeNet(8) conv2
+        ((32, 32), (3, 3, 16, 16), (1, 1), "hybrid"),     # VGG16(4) conv2
+        ((16, 16), (3, 3, 32, 32), (1, 1), "hybrid"),
+        ((14, 14), (5, 5, 32, 64), (1, 1), "im2col"),     # LeNet(16) conv2: GEMM-sized
+        ((28, 28), (5, 5, 1, 32), (1, 1), "im2col"),      # cin < 8
+        ((8, 8), (3, 3, 32, 64), (1, 1), "im2col"),       # small maps
+        ((16, 16), (3, 3, 16, 32), (2, 2), "im2col"),     # strided
+        ((32, 32), (1, 1, 16, 16), (1, 1), "im2col"),     # 1x1: im2col is a plain matmul
+    ])
+def test_auto_conv_impl_per_layer_on_cpu(out_hw, kernel_shape, strides, want):
+  got = layers.cpu_conv_impl(out_hw, kernel_shape, strides)
+  assert got == want
 
 
 def test_max_pool_2x2_matches_flax_max_pool_values_and_gradients():

@@ -5,25 +5,28 @@ On XLA:CPU, `lax.conv_general_dilated` with its gradients is slow inside the PGD
 adversarial training, and so is the select-and-scatter gradient of `lax.reduce_window`.
 `Conv` can instead compute the convolution as one matmul over kh*kw shifted slices of the
 padded input (im2col by slicing), whose forward and backward are plain matmuls, slices and
-pads; `max_pool_2x2` is a reshape plus a max. Both compute the same mathematics as their
+pads, or ("hybrid") keep XLA's forward convolution, which is faster for mid-sized layers, with
+im2col's derivatives; `max_pool_2x2` is a reshape plus a max. Both compute the same mathematics as their
 `lax` counterparts (tested to float32 round-off, values and gradients). Layouts follow Flax:
 inputs NHWC, kernels (kh, kw, cin, cout).
 """
 from collections.abc import Sequence
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from typing import Any
 
 import jax
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 import jax.numpy as jnp
 from flax import linen as nn
 
 Padding = str | Sequence[tuple[int, int]]
 
-CONV_IMPLS = ("auto", "im2col", "xla")
+CONV_IMPLS = ("auto", "im2col", "xla", "hybrid")
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
@@ -60,26 +63,72 @@ def tune_malloc_for_cpu() -> bool:
   return _malloc_tuned
 
 
-def resolve_conv_impl(impl: str) -> str:
+def cpu_conv_impl(out_hw: Sequence[int], kernel_shape: Sequence[int],
+                  strides: Sequence[int]) -> str:
+  """The faster implementation on XLA:CPU for one layer: "hybrid" or "im2col".
+
+  Forward-only XLA convolutions (YNNPACK), timed inside a `fori_loop` on 2 AVX2 cores against
+  im2col's patch build + GEMM (ms per forward, batch 64 / 128):
+
+    ==============================  ======  ======  =====================
+    layer (out map, k, cin -> cout)  im2col  XLA     decision
+    ==============================  ======  ======  =====================
+    14x14, 5x5, 8 -> 16 (LeNet(4))  2.1     1.0     hybrid
+    14x14, 5x5, 16 -> 32            6.0     4.8     hybrid
+    14x14, 5x5, 16 -> 16            5.5     2.2     hybrid
+    32x32, 3x3, 16 -> 16 (VGG(4))   26.8    9.0     hybrid
+    16x16, 3x3, 32 -> 32            14.8    10.5    hybrid
+    14x14, 5x5, 32 -> 64 (LeNet16)  18.8    21.0    im2col (a big GEMM)
+    8x8, 3x3, 64 -> 64              10.1    12.8    im2col (small map)
+    28x28, 5x5, 1 -> 8              2.8     4.6     im2col (cin < 8)
+    14x14, 5x5, 4 -> 8              1.4     1.7     im2col (cin < 8)
+    ==============================  ======  ======  =====================
+
+  Hence: stride 1, a kernel larger than 1x1, cin >= 8, cin * cout <= 1024 and an output
+  map of at least 14x14. Measured with jax 0.10.2; another XLA may move the boundary, and
+  `impl="im2col"` or `"hybrid"` on a model overrides this choice.
+
+  Args:
+    out_hw: output (height, width).
+    kernel_shape: (kh, kw, cin, cout).
+    strides: (sh, sw).
+  """
+  kh, kw, cin, cout = kernel_shape
+  fast_forward = (tuple(strides) == (1, 1) and kh * kw > 1 and cin >= 8
+                  and cin * cout <= 1024 and out_hw[0] * out_hw[1] >= 14 * 14)
+  return "hybrid" if fast_forward else "im2col"
+
+
+def resolve_conv_impl(impl: str, out_hw: Sequence[int] | None = None,
+                      kernel_shape: Sequence[int] | None = None,
+                      strides: Sequence[int] = (1, 1)) -> str:
   """Returns the concrete convolution implementation for `impl`.
 
   Args:
-    impl: "im2col", "xla", or "auto". "auto" picks "im2col" on the CPU backend and "xla"
-      elsewhere (GPU/TPU have fast native convolutions). Measured on 2 AVX2 cores: a PGD-10
+    impl: "im2col", "xla", "hybrid" or "auto". "auto" picks "xla" off CPU (GPU/TPU have fast
+      native convolutions and their gradients). On CPU it picks `cpu_conv_impl` for the
+      layer when its shapes are given, else "im2col". Measured on 2 AVX2 cores: a PGD-10
       adversarial training step (PGD in `lax.fori_loop`) runs 2.3x (LeNet(16)) to 3x
-      (VGG16(4), ResNet18(4)) faster with im2col; a lone forward + backward outside a loop
-      is 1.1-1.4x faster with xla, mostly because im2col's large patch buffers are freshly
-      page-faulted on every call. Adversarial training and attacks dominate the run time, so
-      CPU gets im2col.
+      (VGG16(4), ResNet18(4)) faster with im2col than with xla, because XLA:CPU's
+      convolution gradients are slow; "hybrid" keeps im2col's gradients and takes XLA's
+      forward convolution where that is the faster one.
+    out_hw: the layer's output (height, width), for "auto" on CPU.
+    kernel_shape: the layer's (kh, kw, cin, cout), for "auto" on CPU.
+    strides: the layer's strides, for "auto" on CPU.
 
   Returns:
-    "im2col" or "xla".
+    "im2col", "xla" or "hybrid".
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f"Conv impl must be one of {CONV_IMPLS}, got {impl!r}.")
   if impl == "auto":
-    impl = "im2col" if jax.default_backend() == "cpu" else "xla"
-  if impl == "im2col" and jax.default_backend() == "cpu":
+    if jax.default_backend() != "cpu":
+      impl = "xla"
+    elif out_hw is None or kernel_shape is None:
+      impl = "im2col"
+    else:
+      impl = cpu_conv_impl(out_hw, kernel_shape, strides)
+  if impl in ("im2col", "hybrid") and jax.default_backend() == "cpu":
     tune_malloc_for_cpu()  # Runs at trace time, before the step's buffers are allocated.
   return impl
 
@@ -153,6 +202,46 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 
   return y.reshape(x.shape[0], out_h, out_w, cout)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _conv2d_hybrid(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
+                   padding: Any) -> jax.Array:
+  return conv2d_xla(x, kernel, strides, padding)
+
+
+@functools.partial(_conv2d_hybrid.defjvp, symbolic_zeros=True)
+def _conv2d_hybrid_jvp(strides, padding, primals, tangents):
+  """Tangents by im2col, so that reverse mode transposes them into im2col's GEMMs.
+
+  A tangent that is a symbolic zero (the kernel's, when PGD differentiates the input only)
+  costs nothing: its patch matrix is never built.
+  """
+  (x, kernel), (tx, tk) = primals, tangents
+  y = conv2d_xla(x, kernel, strides, padding)
+  terms = []
+  if not isinstance(tx, SymbolicZero):
+    terms.append(conv2d_im2col(tx, kernel, strides, padding))
+  if not isinstance(tk, SymbolicZero):
+    terms.append(conv2d_im2col(x, tk, strides, padding))
+  return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+
+
+def conv2d_hybrid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
+                  padding: Padding = "SAME") -> jax.Array:
+  """XLA's forward convolution with im2col's derivatives (a `jax.custom_jvp`).
+
+  On XLA:CPU the forward convolution (YNNPACK) beats im2col for mid-sized layers, while the
+  convolution's gradients stay far slower than im2col's GEMMs; this takes the better of each.
+  Values equal `conv2d_xla`; derivatives equal `conv2d_im2col`'s, in forward and reverse mode.
+  Arguments and result as `conv2d_im2col`.
+  """
+  if not isinstance(padding, str):
+    padding = tuple(tuple(p) for p in padding)  # hashable: a static argument of the jvp
+  return _conv2d_hybrid(x, kernel, tuple(strides), padding)
+
+
+_CONV_FNS = {"im2col": conv2d_im2col, "xla": conv2d_xla, "hybrid": conv2d_hybrid}
+
+
 class Conv(nn.Module):
   """2-D convolution with a selectable implementation; parameters as `flax.linen.Conv`.
 
@@ -165,7 +254,8 @@ class Conv(nn.Module):
     strides: (sh, sw). Any stride works with both implementations.
     padding: "SAME" (default), "VALID", or ((lo_h, hi_h), (lo_w, hi_w)).
     use_bias: whether to add a bias (off when BatchNorm follows).
-    impl: "auto" (im2col on CPU, xla elsewhere), "im2col" or "xla"; see `resolve_conv_impl`.
+    impl: "auto" (per layer on CPU, xla elsewhere), "im2col", "xla" or "hybrid"; see
+      `resolve_conv_impl`.
     kernel_init: initialiser of the kernel.
     bias_init: initialiser of the bias.
   """
@@ -183,8 +273,11 @@ class Conv(nn.Module):
     """Applies the convolution to `x` of shape (B, H, W, cin); returns (B, H', W', features)."""
     kh, kw = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
-    conv = conv2d_im2col if resolve_conv_impl(self.impl) == "im2col" else conv2d_xla
-    y = conv(x, kernel, self.strides, self.padding)
+    pads = _explicit_padding(x.shape[1:3], (kh, kw), self.strides, self.padding)
+    out_hw = [(n + lo + hi - k) // s + 1
+              for n, (lo, hi), k, s in zip(x.shape[1:3], pads, (kh, kw), self.strides)]
+    impl = resolve_conv_impl(self.impl, out_hw, kernel.shape, self.strides)
+    y = _CONV_FNS[impl](x, kernel, self.strides, self.padding)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,))
     return y
