@@ -270,6 +270,28 @@ def test_lenet_ignores_train_flag_and_impls_agree(lenet1):
   np.testing.assert_allclose(xla_logits, logits, **TOL)
 
 
+def test_lenet4_auto_impl_uses_hybrid_conv2_and_matches_xla_with_input_gradients():
+  # LeNet(4)'s conv2 (14x14, 8 -> 16) is where "auto" picks the hybrid on CPU: the whole
+  # model's logits and PGD's input gradient must still match lax's convolutions.
+  if jax.default_backend() == "cpu":
+    assert layers.cpu_conv_impl((14, 14), (5, 5, 8, 16), (1, 1)) == "hybrid"
+  x = np.random.default_rng(0).random((2, 28, 28, 1), np.float32)
+  auto, xla = models.LeNet(width=4), models.LeNet(width=4, conv_impl="xla")
+  variables = _random_variables(auto, x.shape)
+
+  @jax.jit
+  def logits_and_input_grad(x):
+    out = []
+    for model in (auto, xla):
+      f = lambda x, model=model: model.apply(variables, x)
+      out.append((f(x), jax.grad(lambda x: jnp.sum(jax.nn.log_softmax(f(x))[:, 3]))(x)))
+    return out
+
+  got, want = logits_and_input_grad(x)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("width, in_channels, num_classes, expected", [
     (1, 1, 10, 13514),   # 52 + 204 + 12608 + 650
     (2, 1, 10, 52506),   # 104 + 808 + 50304 + 1290
