@@ -45,5 +45,5 @@ def has_batch_norm(name: str) -> bool:
 
 
 __all__ = ["BasicBlock", "Conv", "LeNet", "MODELS", "ResNet18", "VGG16", "conv2d_hybrid",
-           "conv2d_im2col", "conv2d_xla", "get_model", "has_batch_norm", "lenet_param_count", "max_pool_2x2",
-           "normalize_input", "resolve_conv_impl"]
+           "conv2d_im2col", "conv2d_xla", "get_model", "has_batch_norm", "lenet_param_count",
+           "max_pool_2x2", "normalize_input", "resolve_conv_impl"]

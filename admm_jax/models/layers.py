@@ -5,10 +5,10 @@ On XLA:CPU, `lax.conv_general_dilated` with its gradients is slow inside the PGD
 adversarial training, and so is the select-and-scatter gradient of `lax.reduce_window`.
 `Conv` can instead compute the convolution as one matmul over kh*kw shifted slices of the
 padded input (im2col by slicing), whose forward and backward are plain matmuls, slices and
-pads, or ("hybrid") keep XLA's forward convolution, which is faster for mid-sized layers, with
-im2col's derivatives; `max_pool_2x2` is a reshape plus a max. Both compute the same mathematics as their
-`lax` counterparts (tested to float32 round-off, values and gradients). Layouts follow Flax:
-inputs NHWC, kernels (kh, kw, cin, cout).
+pads, or ("hybrid") keep XLA's forward convolution, which is faster for mid-sized layers,
+with im2col's derivatives; `max_pool_2x2` is a reshape plus a max. All compute the same
+mathematics as their `lax` counterparts (tested to float32 round-off, values and gradients).
+Layouts follow Flax: inputs NHWC, kernels (kh, kw, cin, cout).
 """
 from collections.abc import Sequence
 import ctypes
@@ -145,6 +145,14 @@ def _explicit_padding(spatial_shape: Sequence[int], kernel_shape: Sequence[int],
   return pads
 
 
+def _output_hw(in_hw: Sequence[int], kernel_hw: Sequence[int], strides: Sequence[int],
+               padding: Padding) -> list[int]:
+  """Output (height, width) of a convolution, as `lax` computes it."""
+  pads = _explicit_padding(in_hw, kernel_hw, strides, padding)
+  return [(n + lo + hi - k) // s + 1
+          for n, (lo, hi), k, s in zip(in_hw, pads, kernel_hw, strides)]
+
+
 def conv2d_xla(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
                padding: Padding = "SAME") -> jax.Array:
   """2-D convolution by `lax.conv_general_dilated` (the reference implementation).
@@ -187,9 +195,8 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 
                      f"got {x.shape}.")
   sh, sw = strides
   (ph_lo, ph_hi), (pw_lo, pw_hi) = _explicit_padding(x.shape[1:3], (kh, kw), strides, padding)
+  out_h, out_w = _output_hw(x.shape[1:3], (kh, kw), strides, padding)
   x = jnp.pad(x, ((0, 0), (ph_lo, ph_hi), (pw_lo, pw_hi), (0, 0)))
-  out_h = (x.shape[1] - kh) // sh + 1
-  out_w = (x.shape[2] - kw) // sw + 1
   if out_h < 1 or out_w < 1:
     raise ValueError(f"conv kernel {kernel.shape[:2]} does not fit input {x.shape[1:3]} "
                      f"after padding.")
@@ -251,7 +258,7 @@ class Conv(nn.Module):
   Attributes:
     features: number of output channels cout.
     kernel_size: (kh, kw).
-    strides: (sh, sw). Any stride works with both implementations.
+    strides: (sh, sw). Any stride works with every implementation.
     padding: "SAME" (default), "VALID", or ((lo_h, hi_h), (lo_w, hi_w)).
     use_bias: whether to add a bias (off when BatchNorm follows).
     impl: "auto" (per layer on CPU, xla elsewhere), "im2col", "xla" or "hybrid"; see
@@ -273,9 +280,7 @@ class Conv(nn.Module):
     """Applies the convolution to `x` of shape (B, H, W, cin); returns (B, H', W', features)."""
     kh, kw = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
-    pads = _explicit_padding(x.shape[1:3], (kh, kw), self.strides, self.padding)
-    out_hw = [(n + lo + hi - k) // s + 1
-              for n, (lo, hi), k, s in zip(x.shape[1:3], pads, (kh, kw), self.strides)]
+    out_hw = _output_hw(x.shape[1:3], (kh, kw), self.strides, self.padding)
     impl = resolve_conv_impl(self.impl, out_hw, kernel.shape, self.strides)
     y = _CONV_FNS[impl](x, kernel, self.strides, self.padding)
     if self.use_bias:
