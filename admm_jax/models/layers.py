@@ -320,9 +320,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   Same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`. Gradients agree except on exact
   ties inside a window, where this splits the gradient evenly (the rule of `jnp.max`, which
   this reproduces bit for bit, in forward and reverse mode) and `reduce_window` sends it all
-  to one element. The models put the ReLU after the pool: the same function and gradient as
-  before it (ReLU is monotone and blocks the gradient of the all-zero windows it would tie),
-  on 4x fewer elements.
+  to one element.
 
   Args:
     x: shape (B, H, W, C) with H and W even.
@@ -334,6 +332,15 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     raise ValueError(f"max_pool_2x2 needs a (B, H, W, C) input with even height and width, "
                      f"got shape {x.shape}.")
   return _max_pool_2x2(x)
+
+
+def relu_max_pool_2x2(x: jax.Array) -> jax.Array:
+  """ReLU then 2x2 max-pool, computed as pool then ReLU on 4x fewer elements.
+
+  The same function and the same gradient, ties included: ReLU is monotone, and the all-zero
+  windows it would create as ties get no gradient through it either way.
+  """
+  return nn.relu(max_pool_2x2(x))
 
 
 def normalize_input(x: jax.Array, mean: Sequence[float] | None,

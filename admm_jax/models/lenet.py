@@ -5,7 +5,7 @@ from typing import ClassVar
 import jax
 from flax import linen as nn
 
-from admm_jax.models.layers import Conv, max_pool_2x2, normalize_input
+from admm_jax.models.layers import Conv, normalize_input, relu_max_pool_2x2
 
 
 class LeNet(nn.Module):
@@ -41,9 +41,8 @@ class LeNet(nn.Module):
       raise ValueError(f"LeNet width must be >= 1, got {self.width}.")
     w = self.width
     x = normalize_input(x, self.input_mean, self.input_std)
-    # ReLU after the pool: the same function as before it, on a quarter of the elements.
-    x = nn.relu(max_pool_2x2(Conv(2 * w, (5, 5), impl=self.conv_impl, name="conv1")(x)))
-    x = nn.relu(max_pool_2x2(Conv(4 * w, (5, 5), impl=self.conv_impl, name="conv2")(x)))
+    x = relu_max_pool_2x2(Conv(2 * w, (5, 5), impl=self.conv_impl, name="conv1")(x))
+    x = relu_max_pool_2x2(Conv(4 * w, (5, 5), impl=self.conv_impl, name="conv2")(x))
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(64 * w, name="fc1")(x))
     return nn.Dense(self.num_classes, name="fc2")(x)

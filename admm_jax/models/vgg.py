@@ -5,7 +5,7 @@ from typing import ClassVar
 import jax
 from flax import linen as nn
 
-from admm_jax.models.layers import Conv, max_pool_2x2, normalize_input
+from admm_jax.models.layers import Conv, normalize_input, relu_max_pool_2x2
 
 # Standard VGG-16 configuration: output channels of the 13 convs at w = 16, "M" = 2x2 max-pool.
 VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
@@ -58,8 +58,7 @@ class VGG16(nn.Module):
     i = 0
     for c, next_c in zip(VGG16_CFG, VGG16_CFG[1:] + (None,)):
       if c == "M":
-        # ReLU after the pool: the same function as before it, on a quarter of the elements.
-        x = nn.relu(max_pool_2x2(x))
+        x = relu_max_pool_2x2(x)  # The conv before it left its ReLU to this.
         continue
       i += 1
       x = Conv(vgg_channels(c, self.width), (3, 3), use_bias=False, impl=self.conv_impl,
