@@ -42,20 +42,36 @@ def _random_variables(model: nn.Module, shape: tuple[int, ...], seed: int = 0):
 # ---------------------------------------------------------------- layers
 
 
+_CONV_CASES = [  # x_shape, kernel_shape, strides, padding
+    ((2, 8, 8, 1), (5, 5, 1, 3), (1, 1), "SAME"),     # LeNet conv1-like, cin = 1
+    ((2, 6, 7, 3), (3, 3, 3, 4), (1, 1), "SAME"),     # odd sizes
+    ((2, 8, 8, 2), (3, 3, 2, 4), (2, 2), "SAME"),     # ResNet downsampling conv
+    ((2, 7, 7, 2), (3, 3, 2, 4), (2, 2), "SAME"),     # stride 2 on an odd map
+    ((2, 8, 8, 3), (1, 1, 3, 4), (2, 2), "SAME"),     # ResNet 1x1 shortcut
+    ((2, 6, 5, 2), (3, 2, 2, 3), (1, 2), ((1, 0), (2, 1))),
+    ((2, 6, 5, 2), (3, 2, 2, 3), (1, 1), ((1, 0), (2, 1))),  # asymmetric, non-square
+    ((2, 7, 6, 3), (3, 3, 3, 2), (1, 1), "VALID"),
+    ((2, 14, 14, 16), (5, 5, 16, 32), (1, 1), "SAME"),  # LeNet(8) conv2
+]
+
+
+def _assert_close_at_scale(got, want):
+  """allclose with the absolute tolerance scaled by the largest |want|.
+
+  A convolution output sums up to 400 products of size ~1; FFT round-off scales with the
+  largest output, not with each entry.
+  """
+  np.testing.assert_allclose(got, want, rtol=TOL["rtol"], atol=TOL["atol"] * np.abs(want).max())
+
+
 @pytest.mark.parametrize(
-    "x_shape, kernel_shape, strides, padding",
-    [
-        ((2, 8, 8, 1), (5, 5, 1, 3), (1, 1), "SAME"),     # LeNet conv1-like, cin = 1
-        ((2, 6, 7, 3), (3, 3, 3, 4), (1, 1), "SAME"),     # odd sizes
-        ((2, 8, 8, 2), (3, 3, 2, 4), (2, 2), "SAME"),     # ResNet downsampling conv
-        ((2, 7, 7, 2), (3, 3, 2, 4), (2, 2), "SAME"),     # stride 2 on an odd map
-        ((2, 8, 8, 3), (1, 1, 3, 4), (2, 2), "SAME"),     # ResNet 1x1 shortcut
-        ((2, 6, 5, 2), (3, 2, 2, 3), (1, 2), ((1, 0), (2, 1))),
-    ])
-@pytest.mark.parametrize("impl", ["im2col", "hybrid"])
+    "impl, x_shape, kernel_shape, strides, padding",
+    [(impl, *case) for impl in ("im2col", "hybrid", "fft") for case in _CONV_CASES
+     if impl != "fft" or case[2] == (1, 1)])  # fft convolves at stride 1 only (tested below)
 def test_conv_impls_match_lax_values_and_gradients(impl, x_shape, kernel_shape, strides,
                                                    padding):
-  conv_impl = {"im2col": layers.conv2d_im2col, "hybrid": layers.conv2d_hybrid}[impl]
+  conv_impl = {"im2col": layers.conv2d_im2col, "hybrid": layers.conv2d_hybrid,
+               "fft": layers.conv2d_fft}[impl]
   rng = np.random.default_rng(0)
   x = rng.standard_normal(x_shape, np.float32)
   kernel = rng.standard_normal(kernel_shape, np.float32)
@@ -73,12 +89,14 @@ def test_conv_impls_match_lax_values_and_gradients(impl, x_shape, kernel_shape, 
   got, want = values_and_grads(x, kernel, cotangent)
   chex.assert_trees_all_equal_shapes(got, want)
   for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, **TOL)
+    _assert_close_at_scale(g, w)
 
 
-def test_hybrid_conv_forward_mode_and_input_only_gradient():
-  # Forward mode works (a custom_jvp, not a custom_vjp) and equals lax's; a gradient with
-  # respect to the input alone (the PGD case: the kernel's tangent is a symbolic zero) too.
+@pytest.mark.parametrize("impl", ["hybrid", "fft"])
+def test_conv_forward_mode_and_input_only_gradient(impl):
+  # Forward mode works (hybrid is a custom_jvp, not a custom_vjp) and equals lax's; a gradient
+  # with respect to the input alone (the PGD case: the kernel's tangent is a symbolic zero) too.
+  conv_impl = {"hybrid": layers.conv2d_hybrid, "fft": layers.conv2d_fft}[impl]
   rng = np.random.default_rng(2)
   x = rng.standard_normal((2, 6, 6, 3), np.float32)
   kernel = rng.standard_normal((3, 3, 3, 4), np.float32)
@@ -87,7 +105,7 @@ def test_hybrid_conv_forward_mode_and_input_only_gradient():
   @jax.jit
   def derivatives(x, kernel, tx, tk):
     out = []
-    for conv in (layers.conv2d_hybrid, layers.conv2d_xla):
+    for conv in (conv_impl, layers.conv2d_xla):
       y, ty = jax.jvp(conv, (x, kernel), (tx, tk))
       gx = jax.grad(lambda x: jnp.sum(jnp.sin(conv(x, lax.stop_gradient(kernel)))))(x)
       out.append((y, ty, gx))
@@ -95,7 +113,15 @@ def test_hybrid_conv_forward_mode_and_input_only_gradient():
 
   got, want = derivatives(x, kernel, tx, tk)
   for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, **TOL)
+    _assert_close_at_scale(g, w)
+
+
+def test_fft_conv_rejects_strides_and_negative_padding():
+  x, kernel = jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 2, 4))
+  with pytest.raises(ValueError, match="stride"):
+    layers.conv2d_fft(x, kernel, (2, 2))
+  with pytest.raises(ValueError, match="padding"):
+    layers.conv2d_fft(x, kernel, (1, 1), ((-1, 0), (1, 1)))
 
 
 def test_xla_conv_matches_lax_directly():
@@ -126,6 +152,7 @@ def test_conv_impl_resolution():
   assert layers.resolve_conv_impl("xla") == "xla"
   assert layers.resolve_conv_impl("im2col") == "im2col"
   assert layers.resolve_conv_impl("hybrid") == "hybrid"
+  assert layers.resolve_conv_impl("fft") == "fft"
   expected = "im2col" if jax.default_backend() == "cpu" else "xla"
   assert layers.resolve_conv_impl("auto") == expected
   with pytest.raises(ValueError, match="impl"):
@@ -135,13 +162,15 @@ def test_conv_impl_resolution():
 @pytest.mark.parametrize(
     "out_hw, kernel_shape, strides, want",
     [
+        ((14, 14), (5, 5, 32, 64), (1, 1), "fft"),        # LeNet(16) conv2
+        ((14, 14), (5, 5, 16, 32), (1, 1), "fft"),        # LeNet(8) conv2
+        ((16, 16), (3, 3, 32, 32), (1, 1), "fft"),        # VGG16(4) conv4
+        ((8, 8), (3, 3, 64, 64), (1, 1), "fft"),
         ((14, 14), (5, 5, 8, 16), (1, 1), "hybrid"),      # LeNet(4) conv2
-        ((14, 14), (5, 5, 16, 32), (1, 1), "hybrid"),     # LeNet(8) conv2
         ((32, 32), (3, 3, 16, 16), (1, 1), "hybrid"),     # VGG16(4) conv2
-        ((16, 16), (3, 3, 32, 32), (1, 1), "hybrid"),
-        ((14, 14), (5, 5, 32, 64), (1, 1), "im2col"),     # LeNet(16) conv2: GEMM-sized
+        ((16, 16), (3, 3, 16, 32), (1, 1), "hybrid"),     # too few products for fft
         ((28, 28), (5, 5, 1, 32), (1, 1), "im2col"),      # cin < 8
-        ((8, 8), (3, 3, 32, 64), (1, 1), "im2col"),       # small maps
+        ((4, 4), (3, 3, 128, 128), (1, 1), "im2col"),     # small maps
         ((16, 16), (3, 3, 16, 32), (2, 2), "im2col"),     # strided
         ((32, 32), (1, 1, 16, 16), (1, 1), "im2col"),     # 1x1: im2col is a plain matmul
     ])

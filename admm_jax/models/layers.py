@@ -5,9 +5,11 @@ On XLA:CPU, `lax.conv_general_dilated` with its gradients is slow inside the PGD
 adversarial training, and so is the select-and-scatter gradient of `lax.reduce_window`.
 `Conv` can instead compute the convolution as one matmul over kh*kw shifted slices of the
 padded input (im2col by slicing), whose forward and backward are plain matmuls, slices and
-pads, or ("hybrid") keep XLA's forward convolution, which is faster for mid-sized layers,
-with im2col's derivatives; `max_pool_2x2` is a reshape plus a max. All compute the same
-mathematics as their `lax` counterparts (tested to float32 round-off, values and gradients).
+pads; or ("hybrid") keep XLA's forward convolution, which is faster for mid-sized layers,
+with im2col's derivatives; or ("fft") use the convolution theorem with the DFTs as small
+matmuls, which does several times fewer flops for wide layers; `max_pool_2x2` is a reshape
+plus a max. All compute the same mathematics as their `lax` counterparts (tested to float32
+round-off, values and gradients).
 Layouts follow Flax: inputs NHWC, kernels (kh, kw, cin, cout).
 """
 from collections.abc import Sequence
@@ -23,10 +25,11 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 import jax.numpy as jnp
 from flax import linen as nn
+import numpy as np
 
 Padding = str | Sequence[tuple[int, int]]
 
-CONV_IMPLS = ("auto", "im2col", "xla", "hybrid")
+CONV_IMPLS = ("auto", "im2col", "xla", "hybrid", "fft")
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
@@ -65,28 +68,35 @@ def tune_malloc_for_cpu() -> bool:
 
 def cpu_conv_impl(out_hw: Sequence[int], kernel_shape: Sequence[int],
                   strides: Sequence[int]) -> str:
-  """The faster implementation on XLA:CPU for one layer: "hybrid" or "im2col".
+  """The fastest implementation on XLA:CPU for one layer: "fft", "hybrid" or "im2col".
 
-  Forward-only XLA convolutions (YNNPACK), timed inside a `fori_loop` on 2 AVX2 cores against
-  im2col's patch build + GEMM (ms per forward, batch 64 / 128):
+  Forward plus input gradient (the PGD pass) inside a `fori_loop` on 2 AVX2 cores, ms per
+  pass, batch 64 (LeNet layers) / 128 (VGG, ResNet layers), jax 0.10.2:
 
-    ==============================  ======  ======  =====================
-    layer (out map, k, cin -> cout)  im2col  XLA     decision
-    ==============================  ======  ======  =====================
-    14x14, 5x5, 8 -> 16 (LeNet(4))  2.1     1.0     hybrid
-    14x14, 5x5, 16 -> 32            6.0     4.8     hybrid
-    14x14, 5x5, 16 -> 16            5.5     2.2     hybrid
-    32x32, 3x3, 16 -> 16 (VGG(4))   26.8    9.0     hybrid
-    16x16, 3x3, 32 -> 32            14.8    10.5    hybrid
-    14x14, 5x5, 32 -> 64 (LeNet16)  18.8    21.0    im2col (a big GEMM)
-    8x8, 3x3, 64 -> 64              10.1    12.8    im2col (small map)
-    28x28, 5x5, 1 -> 8              2.8     4.6     im2col (cin < 8)
-    14x14, 5x5, 4 -> 8              1.4     1.7     im2col (cin < 8)
-    ==============================  ======  ======  =====================
+    ===============================  ======  ======  =====  ==========
+    layer (out map, k, cin -> cout)  im2col  hybrid  fft    decision
+    ===============================  ======  ======  =====  ==========
+    14x14, 5x5, 32 -> 64 (LeNet(16))  44.6    47.2    17.5   fft
+    14x14, 5x5, 16 -> 32 (LeNet(8))   16.4    15.1    9.0    fft
+    16x16, 3x3, 32 -> 32              26.5    23.7    16.5   fft
+    8x8, 3x3, 64 -> 64                16.0    19.5    12.4   fft
+    8x8, 3x3, 32 -> 64                6.9     9.3     7.1    fft (a tie)
+    14x14, 5x5, 8 -> 16 (LeNet(4))    6.3     4.2     5.4    hybrid
+    32x32, 3x3, 16 -> 16 (VGG(4))     49.1    33.5    41.8   hybrid
+    16x16, 3x3, 16 -> 32              12.4    12.3    13.5   hybrid
+    14x14, 5x5, 2 -> 4 (LeNet(1))     1.8     2.5     1.9    im2col
+    28x28, 5x5, 1 -> 32               5.1     5.0     14.9   im2col (cin < 8)
+    32x32, 3x3, 3 -> 16               9.4     11.3    26.7   im2col
+    4x4, 3x3, 128 -> 128              12.3    13.2    15.1   im2col (small map)
+    2x2, 3x3, 128 -> 128              3.1     25.6    6.6    im2col
+    ===============================  ======  ======  =====  ==========
 
-  Hence: stride 1, a kernel larger than 1x1, cin >= 8, cin * cout <= 1024 and an output
-  map of at least 14x14. Measured with jax 0.10.2; another XLA may move the boundary, and
-  `impl="im2col"` or `"hybrid"` on a model overrides this choice.
+  Hence "fft" for stride 1, cin >= 16, kh * kw * cin * cout >= 9216 (the per-frequency
+  channel matmuls dominate its transforms) and maps of at least 8x8; else "hybrid" for
+  stride 1, a kernel larger than 1x1, cin >= 8, cin * cout <= 1024 and maps of at least
+  14x14 (XLA's forward convolution falls off a cliff below 8 input channels and on small
+  maps); else "im2col". Another XLA or CPU may move the boundaries; `impl=` on a model
+  overrides this choice.
 
   Args:
     out_hw: output (height, width).
@@ -94,9 +104,13 @@ def cpu_conv_impl(out_hw: Sequence[int], kernel_shape: Sequence[int],
     strides: (sh, sw).
   """
   kh, kw, cin, cout = kernel_shape
-  fast_forward = (tuple(strides) == (1, 1) and kh * kw > 1 and cin >= 8
-                  and cin * cout <= 1024 and out_hw[0] * out_hw[1] >= 14 * 14)
-  return "hybrid" if fast_forward else "im2col"
+  if tuple(strides) != (1, 1) or kh * kw == 1:
+    return "im2col"
+  if cin >= 16 and kh * kw * cin * cout >= 9216 and min(out_hw) >= 8:
+    return "fft"
+  if cin >= 8 and cin * cout <= 1024 and out_hw[0] * out_hw[1] >= 14 * 14:
+    return "hybrid"
+  return "im2col"
 
 
 def resolve_conv_impl(impl: str, out_hw: Sequence[int] | None = None,
@@ -105,7 +119,7 @@ def resolve_conv_impl(impl: str, out_hw: Sequence[int] | None = None,
   """Returns the concrete convolution implementation for `impl`.
 
   Args:
-    impl: "im2col", "xla", "hybrid" or "auto". "auto" picks "xla" off CPU (GPU/TPU have fast
+    impl: "im2col", "xla", "hybrid", "fft" or "auto". "auto" picks "xla" off CPU (GPU/TPU have fast
       native convolutions and their gradients). On CPU it picks `cpu_conv_impl` for the
       layer when its shapes are given, else "im2col". Measured on 2 AVX2 cores: a PGD-10
       adversarial training step (PGD in `lax.fori_loop`) runs 2.3x (LeNet(16)) to 3x
@@ -117,7 +131,7 @@ def resolve_conv_impl(impl: str, out_hw: Sequence[int] | None = None,
     strides: the layer's strides, for "auto" on CPU.
 
   Returns:
-    "im2col", "xla" or "hybrid".
+    "im2col", "xla", "hybrid" or "fft".
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f"Conv impl must be one of {CONV_IMPLS}, got {impl!r}.")
@@ -128,7 +142,7 @@ def resolve_conv_impl(impl: str, out_hw: Sequence[int] | None = None,
       impl = "im2col"
     else:
       impl = cpu_conv_impl(out_hw, kernel_shape, strides)
-  if impl in ("im2col", "hybrid") and jax.default_backend() == "cpu":
+  if impl != "xla" and jax.default_backend() == "cpu":
     tune_malloc_for_cpu()  # Runs at trace time, before the step's buffers are allocated.
   return impl
 
@@ -246,7 +260,118 @@ def conv2d_hybrid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 
   return _conv2d_hybrid(x, kernel, tuple(strides), padding)
 
 
-_CONV_FNS = {"im2col": conv2d_im2col, "xla": conv2d_xla, "hybrid": conv2d_hybrid}
+@functools.lru_cache(maxsize=64)
+def _fft_conv_matrices(in_hw: tuple[int, int], pads: tuple[tuple[int, int], ...],
+                       kernel_hw: tuple[int, int]) -> tuple[np.ndarray, ...]:
+  """Real DFT matrices of `conv2d_fft` for one geometry (float64 numpy, cast by the caller).
+
+  The transform sizes are the padded input sizes n_h x n_w: a circular correlation of that
+  size equals the padded linear one on the valid outputs, so nothing wraps around. Only the
+  H x W input positions are non-zero and only the valid outputs are read, so the matrices
+  are cut to those rows and columns: no padding or cropping is ever done on data.
+
+  Returns:
+    fwd_w: (2 * nf, W): real rows -> [Re; Im] of the half spectrum along W (nf = n_w//2 + 1).
+    fwd_h: (2 * n_h, 2 * H): (h, re/im) -> (frequency f, re/im), the complex DFT along H.
+    inv_h: (2 * out_h, 2 * n_h): (f, re/im) -> (h, re/im), the inverse complex DFT along H.
+    inv_w: (out_w, 2 * nf): [Re; Im] half spectrum -> real outputs (inverse real DFT along W).
+    cos, sin: (n_h, nf, kh, kw): cos and sin of the kernel taps' phases (the kernel's
+      spectrum is sum(kernel * cos) - i * sum(kernel * sin)).
+  """
+  (h, w), ((ph, ph_hi), (pw, pw_hi)), (kh, kw) = in_hw, pads, kernel_hw
+  n_h, n_w = h + ph + ph_hi, w + pw + pw_hi
+  out_h, out_w = n_h - kh + 1, n_w - kw + 1
+  freq_h, freq_w = np.arange(n_h), np.arange(n_w // 2 + 1)
+  phase_w = 2 * np.pi * np.outer(np.arange(w) + pw, freq_w) / n_w           # (W, nf)
+  fwd_w = np.concatenate([np.cos(phase_w), -np.sin(phase_w)], axis=1).T
+  phase_h = 2 * np.pi * np.outer(freq_h, np.arange(h) + ph) / n_h           # (n_h, H)
+  fwd_h = _complex_as_real(np.exp(-1j * phase_h))
+  inv_h = _complex_as_real(np.exp(2j * np.pi * np.outer(np.arange(out_h), freq_h) / n_h) / n_h)
+  # The half spectrum stands for its conjugate mirror too: bins other than 0 and n_w / 2
+  # count twice. The sine row drops the imaginary parts of those two, as irfft does.
+  twice = np.where((freq_w == 0) | (2 * freq_w == n_w), 1.0, 2.0)
+  phase_out = 2 * np.pi * np.outer(np.arange(out_w), freq_w) / n_w        # (out_w, nf)
+  inv_w = np.concatenate([twice * np.cos(phase_out), -twice * np.sin(phase_out)], axis=1) / n_w
+  taps = (2 * np.pi * np.outer(freq_h, np.arange(kh)) / n_h)[:, None, :, None] + \
+      (2 * np.pi * np.outer(freq_w, np.arange(kw)) / n_w)[None, :, None, :]
+  return fwd_w, fwd_h, inv_h, inv_w, np.cos(taps), np.sin(taps)
+
+
+def _complex_as_real(m: np.ndarray) -> np.ndarray:
+  """(p, q) complex matrix -> (2p, 2q) real one acting on interleaved (index, re/im) pairs."""
+  out = np.empty((m.shape[0], 2, m.shape[1], 2))
+  out[:, 0, :, 0], out[:, 0, :, 1] = m.real, -m.imag
+  out[:, 1, :, 0], out[:, 1, :, 1] = m.imag, m.real
+  return out.reshape(2 * m.shape[0], 2 * m.shape[1])
+
+
+def conv2d_fft(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
+               padding: Padding = "SAME") -> jax.Array:
+  """2-D convolution by the convolution theorem, with the DFTs done as small real matmuls.
+
+  Mathematically identical to `conv2d_xla` at stride 1; round-off is that of a float32 FFT
+  (relative to the largest output, about 1e-6). The input is transformed to a half spectrum
+  (a matmul along W, then one along H), each frequency's channels are mixed by the kernel's
+  conjugate spectrum (per-frequency complex matmuls, three real ones each by Gauss's trick),
+  and the valid outputs are transformed back. Everything is a linear map, so both gradients
+  are the same matmuls transposed, and a gradient with respect to the input alone (PGD)
+  transforms the kernel once, outside the attack loop (XLA hoists it).
+
+  For LeNet(16)'s conv2 (14x14, 5x5, 32 -> 64, batch 64) this does about 3.5x fewer
+  flops than im2col and never builds a patch matrix: forward plus input gradient inside a
+  `fori_loop` took 15 ms against im2col's 39 ms on 2 AVX2 cores. The DFTs are matmuls
+  because XLA:CPU's FFT was slower than these small GEMMs at such sizes (2.2 ms for the
+  rfft2 alone). Off CPU, XLA's own convolution is the better choice.
+
+  Args:
+    x: input, shape (B, H, W, cin).
+    kernel: shape (kh, kw, cin, cout).
+    strides: must be (1, 1).
+    padding: "SAME", "VALID", or non-negative ((lo_h, hi_h), (lo_w, hi_w)).
+
+  Returns:
+    Output of shape (B, H', W', cout).
+  """
+  kh, kw, cin, cout = kernel.shape
+  if x.ndim != 4 or x.shape[-1] != cin:
+    raise ValueError(f"conv input must be (B, H, W, {cin}) for kernel {kernel.shape}, "
+                     f"got {x.shape}.")
+  if tuple(strides) != (1, 1):
+    raise ValueError(f"conv2d_fft computes stride-1 convolutions only, got strides "
+                     f"{tuple(strides)}; use conv2d_im2col or conv2d_xla for strided layers.")
+  b, h, w, _ = x.shape
+  pads = tuple(tuple(p) for p in _explicit_padding((h, w), (kh, kw), (1, 1), padding))
+  if min(min(p) for p in pads) < 0:
+    raise ValueError(f"conv2d_fft needs non-negative padding, got {pads}.")
+  out_h, out_w = _output_hw((h, w), (kh, kw), (1, 1), padding)
+  if out_h < 1 or out_w < 1:
+    raise ValueError(f"conv kernel {kernel.shape[:2]} does not fit input {x.shape[1:3]} "
+                     f"after padding.")
+  mats = _fft_conv_matrices((h, w), pads, (kh, kw))
+  fwd_w, fwd_h, inv_h, inv_w, cos, sin = (jnp.asarray(m, x.dtype) for m in mats)
+  n_h, nf = cos.shape[:2]
+  # Kernel spectrum: re = sum(k cos), im = -sum(k sin); the correlation multiplies by its
+  # conjugate, re + i * im_c with im_c = sum(k sin). Gauss's trick needs re, im_c - re and
+  # re + im_c.
+  re = jnp.einsum("fkij,ijco->fkco", cos, kernel)
+  im_c = jnp.einsum("fkij,ijco->fkco", sin, kernel)
+  # Layout (H, W, B * cin) puts the spatial axes in front, so the DFTs are plain GEMMs and
+  # the per-frequency products batch over the leading (f, k) axes without transposes.
+  xt = jnp.transpose(x, (1, 2, 0, 3)).reshape(h, w, b * cin)
+  x1 = jnp.matmul(jnp.broadcast_to(fwd_w, (h,) + fwd_w.shape), xt)      # (H, 2 nf, B cin)
+  x2 = (fwd_h @ x1.reshape(2 * h, nf * b * cin)).reshape(n_h, 2, nf, b, cin)
+  x_re, x_im = x2[:, 0], x2[:, 1]                                       # (n_h, nf, B, cin)
+  k1 = jnp.matmul(x_re + x_im, re)
+  k2 = jnp.matmul(x_re, im_c - re)
+  k3 = jnp.matmul(x_im, re + im_c)
+  y = jnp.stack([k1 - k3, k1 + k2], axis=1)                              # (n_h, 2, nf, B, cout)
+  y1 = (inv_h @ y.reshape(2 * n_h, nf * b * cout)).reshape(out_h, 2 * nf, b * cout)
+  y2 = jnp.matmul(jnp.broadcast_to(inv_w, (out_h,) + inv_w.shape), y1)  # (out_h, out_w, B cout)
+  return jnp.transpose(y2.reshape(out_h, out_w, b, cout), (2, 0, 1, 3))
+
+
+_CONV_FNS = {"im2col": conv2d_im2col, "xla": conv2d_xla, "hybrid": conv2d_hybrid,
+             "fft": conv2d_fft}
 
 
 class Conv(nn.Module):
