@@ -206,16 +206,21 @@ class JaxStep:
     return total / 2 ** 20
 
   def flops(self) -> float:
-    """FLOPs of one step from XLA's cost analysis.
+    """Nominal FLOPs of one step: XLA's cost analysis of the step with direct convolutions.
 
-    XLA counts a while-loop body once, so the PGD loop is added by hand: the step without
-    an attack (forward, backward, update) plus `steps` times one input-gradient pass.
+    The count is the model's, not the implementation's: it is taken with `conv_impl="xla"`
+    whatever the timed step runs, so the FFT convolution's fewer flops do not shrink it, and
+    both sides of the comparison are measured against one count (as in model-FLOPs
+    utilisation). XLA counts a while-loop body once, so the PGD loop is added by hand: the
+    step without an attack (forward, backward, update) plus `steps` times one input-gradient
+    pass.
     """
     case = self.case
-    no_attack = jax.jit(functools.partial(train.train_step, model=self.model, tx=self.tx,
+    model = self.model.clone(conv_impl="xla")
+    no_attack = jax.jit(functools.partial(train.train_step, model=model, tx=self.tx,
                                           attack=train.Attack("none")))
     base = no_attack.lower(self.state, self.batch, self.key).compile().cost_analysis()["flops"]
-    apply_fn = train._logits_fn(self.model, self.state.batch_stats, train=True)  # pylint: disable=protected-access
+    apply_fn = train._logits_fn(model, self.state.batch_stats, train=True)  # pylint: disable=protected-access
     y = self.batch["label"]
 
     def input_grad(params, x):

@@ -46,6 +46,20 @@ def test_smallest_case_json_schema_without_torch():
   assert any("dot_general" in r["source"] for r in prof["rows"]), prof["rows"]
 
 
+def test_flops_are_the_models_nominal_count_whatever_conv_impl_runs():
+  # LeNet(8)'s conv2 runs as an FFT convolution on CPU (about 2.6x fewer flops than direct);
+  # the count must stay the model's, the same as for a step that runs im2col everywhere, and
+  # at least what conv2's direct products alone need: 3 passes in the train step's forward
+  # and backward, 2 (forward and input gradient) per PGD step.
+  case = bench.Case("lenet", 8, 1, 8)
+  step = bench.JaxStep(case)
+  nominal = step.flops()
+  step.model = step.model.clone(conv_impl="im2col")
+  assert step.flops() == nominal
+  conv2_macs = 14 * 14 * 5 * 5 * 16 * 32
+  assert nominal >= 2 * conv2_macs * (3 + 2 * case.steps) * case.batch
+
+
 def test_zu_update_and_numpy_percentile_are_timed():
   model = models.get_model("lenet", 1)
   params = train.init_variables(model, jax.random.key(0), (28, 28, 1))["params"]
