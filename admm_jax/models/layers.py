@@ -71,32 +71,33 @@ def cpu_conv_impl(out_hw: Sequence[int], kernel_shape: Sequence[int],
   """The fastest implementation on XLA:CPU for one layer: "fft", "hybrid" or "im2col".
 
   Forward plus input gradient (the PGD pass) inside a `fori_loop` on 2 AVX2 cores, ms per
-  pass, batch 64 (LeNet layers) / 128 (VGG, ResNet layers), jax 0.10.2:
+  pass, batch 64 (LeNet layers) / 128 (VGG, ResNet layers), jax 0.10.2, one run:
 
     ===============================  ======  ======  =====  ==========
     layer (out map, k, cin -> cout)  im2col  hybrid  fft    decision
     ===============================  ======  ======  =====  ==========
-    14x14, 5x5, 32 -> 64 (LeNet(16))  44.6    47.2    17.5   fft
-    14x14, 5x5, 16 -> 32 (LeNet(8))   16.4    15.1    9.0    fft
-    16x16, 3x3, 32 -> 32              26.5    23.7    16.5   fft
-    8x8, 3x3, 64 -> 64                16.0    19.5    12.4   fft
-    8x8, 3x3, 32 -> 64                6.9     9.3     7.1    fft (a tie)
-    14x14, 5x5, 8 -> 16 (LeNet(4))    6.3     4.2     5.4    hybrid
-    32x32, 3x3, 16 -> 16 (VGG(4))     49.1    33.5    41.8   hybrid
-    16x16, 3x3, 16 -> 32              12.4    12.3    13.5   hybrid
-    14x14, 5x5, 2 -> 4 (LeNet(1))     1.8     2.5     1.9    im2col
-    28x28, 5x5, 1 -> 32               5.1     5.0     14.9   im2col (cin < 8)
-    32x32, 3x3, 3 -> 16               9.4     11.3    26.7   im2col
-    4x4, 3x3, 128 -> 128              12.3    13.2    15.1   im2col (small map)
-    2x2, 3x3, 128 -> 128              3.1     25.6    6.6    im2col
+    14x14, 5x5, 32 -> 64 (LeNet(16))  41.5    48.6    16.2   fft
+    14x14, 5x5, 16 -> 32 (LeNet(8))   15.7    11.6    6.2    fft
+    16x16, 3x3, 32 -> 32              25.0    21.7    19.0   fft
+    8x8, 3x3, 64 -> 64                14.3    20.0    10.7   fft
+    8x8, 3x3, 32 -> 64                8.2     10.7    8.6    fft (a tie)
+    14x14, 5x5, 8 -> 16 (LeNet(4))    4.6     2.9     3.2    hybrid
+    32x32, 3x3, 16 -> 16 (VGG(4))     49.4    20.1    42.7   hybrid
+    16x16, 3x3, 16 -> 32              12.7    12.6    14.7   hybrid
+    14x14, 5x5, 4 -> 8 (LeNet(2))     2.1     3.2     2.1    im2col (a tie)
+    14x14, 5x5, 2 -> 4 (LeNet(1))     1.3     5.2     2.2    im2col
+    28x28, 5x5, 1 -> 32               5.3     12.3    15.3   im2col (cin < 8)
+    32x32, 3x3, 3 -> 16               11.5    19.7    29.5   im2col
+    4x4, 3x3, 64 -> 128               6.4     11.7    9.5    im2col (small map)
+    2x2, 3x3, 128 -> 128              3.4     47.5    7.2    im2col
     ===============================  ======  ======  =====  ==========
 
   Hence "fft" for stride 1, cin >= 16, kh * kw * cin * cout >= 9216 (the per-frequency
   channel matmuls dominate its transforms) and maps of at least 8x8; else "hybrid" for
   stride 1, a kernel larger than 1x1, cin >= 8, cin * cout <= 1024 and maps of at least
-  14x14 (XLA's forward convolution falls off a cliff below 8 input channels and on small
-  maps); else "im2col". Another XLA or CPU may move the boundaries; `impl=` on a model
-  overrides this choice.
+  14x14 (XLA's convolutions fall off a cliff below 8 channels and on small maps); else
+  "im2col". Timings vary by 10-20 % between runs; the decisions held in two sweeps. Another
+  XLA or CPU may move the boundaries; `impl=` on a model overrides this choice.
 
   Args:
     out_hw: output (height, width).
@@ -229,18 +230,34 @@ def _conv2d_hybrid(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
   return conv2d_xla(x, kernel, strides, padding)
 
 
+def _conv2d_oi(x: jax.Array, kernel: jax.Array, padding: Any) -> jax.Array:
+  """`conv2d_xla` at stride 1 with the kernel handed to XLA as (kh, kw, cout, cin) ("HWOI").
+
+  The same values. What differs is its transpose: JAX transposes a convolution with
+  respect to its input into a convolution of the flipped kernel with input and output
+  channels swapped, which turns "HWOI" into the standard "HWIO". XLA:CPU runs that as a
+  fast forward convolution (YNNPACK), where the transpose of an "HWIO" convolution lands
+  on a slow path (LeNet(4)'s conv2 input gradient: 1.3 vs 20 ms).
+  """
+  return lax.conv_general_dilated(
+      x, jnp.transpose(kernel, (0, 1, 3, 2)), window_strides=(1, 1),
+      padding=padding.upper() if isinstance(padding, str) else padding,
+      dimension_numbers=("NHWC", "HWOI", "NHWC"))
+
+
 @functools.partial(_conv2d_hybrid.defjvp, symbolic_zeros=True)
 def _conv2d_hybrid_jvp(strides, padding, primals, tangents):
-  """Tangents by im2col, so that reverse mode transposes them into im2col's GEMMs.
+  """Input tangent by an XLA convolution that transposes well; kernel tangent by im2col.
 
   A tangent that is a symbolic zero (the kernel's, when PGD differentiates the input only)
-  costs nothing: its patch matrix is never built.
+  costs nothing.
   """
   (x, kernel), (tx, tk) = primals, tangents
   y = conv2d_xla(x, kernel, strides, padding)
   terms = []
   if not isinstance(tx, SymbolicZero):
-    terms.append(conv2d_im2col(tx, kernel, strides, padding))
+    terms.append(_conv2d_oi(tx, kernel, padding) if tuple(strides) == (1, 1)
+                 else conv2d_im2col(tx, kernel, strides, padding))
   if not isinstance(tk, SymbolicZero):
     terms.append(conv2d_im2col(x, tk, strides, padding))
   return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
@@ -248,11 +265,13 @@ def _conv2d_hybrid_jvp(strides, padding, primals, tangents):
 
 def conv2d_hybrid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
                   padding: Padding = "SAME") -> jax.Array:
-  """XLA's forward convolution with im2col's derivatives (a `jax.custom_jvp`).
+  """XLA's convolutions where XLA:CPU is fast, im2col where it is not (a `jax.custom_jvp`).
 
-  On XLA:CPU the forward convolution (YNNPACK) beats im2col for mid-sized layers, while the
-  convolution's gradients stay far slower than im2col's GEMMs; this takes the better of each.
-  Values equal `conv2d_xla`; derivatives equal `conv2d_im2col`'s, in forward and reverse mode.
+  On XLA:CPU the forward convolution (YNNPACK) beats im2col for mid-sized layers, and so
+  does the input gradient when it is handed to XLA as a forward convolution of the flipped
+  kernel (`_conv2d_oi`); the kernel gradient, needed once per training step, stays
+  im2col's GEMM. Strided layers take im2col's input gradient too. Values equal
+  `conv2d_xla`'s; derivatives equal the convolution's, in forward and reverse mode.
   Arguments and result as `conv2d_im2col`.
   """
   if not isinstance(padding, str):
