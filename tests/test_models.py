@@ -66,12 +66,11 @@ def _assert_close_at_scale(got, want):
 
 @pytest.mark.parametrize(
     "impl, x_shape, kernel_shape, strides, padding",
-    [(impl, *case) for impl in ("im2col", "hybrid", "fft") for case in _CONV_CASES
+    [(impl, *case) for impl in ("im2col", "hybrid", "fft", "toeplitz") for case in _CONV_CASES
      if impl != "fft" or case[2] == (1, 1)])  # fft convolves at stride 1 only (tested below)
 def test_conv_impls_match_lax_values_and_gradients(impl, x_shape, kernel_shape, strides,
                                                    padding):
-  conv_impl = {"im2col": layers.conv2d_im2col, "hybrid": layers.conv2d_hybrid,
-               "fft": layers.conv2d_fft}[impl]
+  conv_impl = getattr(layers, f"conv2d_{impl}")
   rng = np.random.default_rng(0)
   x = rng.standard_normal(x_shape, np.float32)
   kernel = rng.standard_normal(kernel_shape, np.float32)
@@ -92,11 +91,11 @@ def test_conv_impls_match_lax_values_and_gradients(impl, x_shape, kernel_shape, 
     _assert_close_at_scale(g, w)
 
 
-@pytest.mark.parametrize("impl", ["hybrid", "fft"])
+@pytest.mark.parametrize("impl", ["hybrid", "fft", "toeplitz"])
 def test_conv_forward_mode_and_input_only_gradient(impl):
   # Forward mode works (hybrid is a custom_jvp, not a custom_vjp) and equals lax's; a gradient
   # with respect to the input alone (the PGD case: the kernel's tangent is a symbolic zero) too.
-  conv_impl = {"hybrid": layers.conv2d_hybrid, "fft": layers.conv2d_fft}[impl]
+  conv_impl = getattr(layers, f"conv2d_{impl}")
   rng = np.random.default_rng(2)
   x = rng.standard_normal((2, 6, 6, 3), np.float32)
   kernel = rng.standard_normal((3, 3, 3, 4), np.float32)
@@ -153,6 +152,7 @@ def test_conv_impl_resolution():
   assert layers.resolve_conv_impl("im2col") == "im2col"
   assert layers.resolve_conv_impl("hybrid") == "hybrid"
   assert layers.resolve_conv_impl("fft") == "fft"
+  assert layers.resolve_conv_impl("toeplitz") == "toeplitz"
   expected = "im2col" if jax.default_backend() == "cpu" else "xla"
   assert layers.resolve_conv_impl("auto") == expected
   with pytest.raises(ValueError, match="impl"):
@@ -169,6 +169,12 @@ def test_conv_impl_resolution():
         ((14, 14), (5, 5, 8, 16), (1, 1), "hybrid"),      # LeNet(4) conv2
         ((32, 32), (3, 3, 16, 16), (1, 1), "hybrid"),     # VGG16(4) conv2
         ((16, 16), (3, 3, 16, 32), (1, 1), "hybrid"),     # too few products for fft
+        ((28, 28), (5, 5, 1, 8), (1, 1), "toeplitz"),     # LeNet(4) conv1
+        ((28, 28), (5, 5, 1, 2), (1, 1), "toeplitz"),     # LeNet(1) conv1
+        ((14, 14), (5, 5, 2, 4), (1, 1), "toeplitz"),     # LeNet(1) conv2
+        ((14, 14), (5, 5, 4, 8), (1, 1), "toeplitz"),     # LeNet(2) conv2
+        ((28, 28), (5, 5, 1, 16), (1, 1), "im2col"),      # cout > 8: the band gets costly
+        ((32, 32), (3, 3, 1, 8), (1, 1), "im2col"),       # 3x3 on a wide map: a sparse band
         ((28, 28), (5, 5, 1, 32), (1, 1), "im2col"),      # cin < 8
         ((4, 4), (3, 3, 128, 128), (1, 1), "im2col"),     # small maps
         ((16, 16), (3, 3, 16, 32), (2, 2), "im2col"),     # strided

@@ -8,9 +8,9 @@ from typing import Any
 
 from flax import linen as nn
 
-from admm_jax.models.layers import Conv, conv2d_fft, conv2d_hybrid, conv2d_im2col, conv2d_xla
-from admm_jax.models.layers import max_pool_2x2, normalize_input, relu_max_pool_2x2
-from admm_jax.models.layers import resolve_conv_impl
+from admm_jax.models.layers import Conv, conv2d_fft, conv2d_hybrid, conv2d_im2col
+from admm_jax.models.layers import conv2d_toeplitz, conv2d_xla, max_pool_2x2, normalize_input
+from admm_jax.models.layers import relu_max_pool_2x2, resolve_conv_impl
 from admm_jax.models.lenet import LeNet, lenet_param_count
 from admm_jax.models.resnet import BasicBlock, ResNet18
 from admm_jax.models.vgg import VGG16
@@ -46,6 +46,6 @@ def has_batch_norm(name: str) -> bool:
 
 
 __all__ = ["BasicBlock", "Conv", "LeNet", "MODELS", "ResNet18", "VGG16", "conv2d_fft",
-           "conv2d_hybrid", "conv2d_im2col", "conv2d_xla", "get_model", "has_batch_norm",
-           "lenet_param_count", "max_pool_2x2", "normalize_input", "relu_max_pool_2x2",
-           "resolve_conv_impl"]
+           "conv2d_hybrid", "conv2d_im2col", "conv2d_toeplitz", "conv2d_xla", "get_model",
+           "has_batch_norm", "lenet_param_count", "max_pool_2x2", "normalize_input",
+           "relu_max_pool_2x2", "resolve_conv_impl"]

@@ -29,7 +29,7 @@ import numpy as np
 
 Padding = str | Sequence[tuple[int, int]]
 
-CONV_IMPLS = ("auto", "im2col", "xla", "hybrid", "fft")
+CONV_IMPLS = ("auto", "im2col", "xla", "hybrid", "fft", "toeplitz")
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
@@ -68,7 +68,7 @@ def tune_malloc_for_cpu() -> bool:
 
 def cpu_conv_impl(out_hw: Sequence[int], kernel_shape: Sequence[int],
                   strides: Sequence[int]) -> str:
-  """The fastest implementation on XLA:CPU for one layer: "fft", "hybrid" or "im2col".
+  """The fastest convolution for one layer on XLA:CPU: "toeplitz", "fft", "hybrid" or "im2col".
 
   Forward plus input gradient (the PGD pass) inside a `fori_loop` on 2 AVX2 cores, ms per
   pass, batch 64 (LeNet layers) / 128 (VGG, ResNet layers), jax 0.10.2, one run:
@@ -84,20 +84,34 @@ def cpu_conv_impl(out_hw: Sequence[int], kernel_shape: Sequence[int],
     14x14, 5x5, 8 -> 16 (LeNet(4))    4.6     2.9     3.2    hybrid
     32x32, 3x3, 16 -> 16 (VGG(4))     49.4    20.1    42.7   hybrid
     16x16, 3x3, 16 -> 32              12.7    12.6    14.7   hybrid
-    14x14, 5x5, 4 -> 8 (LeNet(2))     2.1     3.2     2.1    im2col (a tie)
-    14x14, 5x5, 2 -> 4 (LeNet(1))     1.3     5.2     2.2    im2col
-    28x28, 5x5, 1 -> 32               5.3     12.3    15.3   im2col (cin < 8)
+    28x28, 5x5, 1 -> 32 (LeNet(16))   5.3     12.3    15.3   im2col (cin < 8)
     32x32, 3x3, 3 -> 16               11.5    19.7    29.5   im2col
     4x4, 3x3, 64 -> 128               6.4     11.7    9.5    im2col (small map)
     2x2, 3x3, 128 -> 128              3.4     47.5    7.2    im2col
     ===============================  ======  ======  =====  ==========
 
-  Hence "fft" for stride 1, cin >= 16, kh * kw * cin * cout >= 9216 (the per-frequency
-  channel matmuls dominate its transforms) and maps of at least 8x8; else "hybrid" for
-  stride 1, a kernel larger than 1x1, cin >= 8, cin * cout <= 1024 and maps of at least
-  14x14 (XLA's convolutions fall off a cliff below 8 channels and on small maps); else
-  "im2col". Timings vary by 10-20 % between runs; the decisions held in two sweeps. Another
-  XLA or CPU may move the boundaries; `impl=` on a model overrides this choice.
+  and, in another run, with "toeplitz" (`conv2d_toeplitz`):
+
+    ===============================  ======  ======  =====  ========  ========
+    layer (out map, k, cin -> cout)  im2col  hybrid  fft    toeplitz  decision
+    ===============================  ======  ======  =====  ========  ========
+    28x28, 5x5, 1 -> 2 (LeNet(1))     4.6     10.3    2.4    1.4       toeplitz
+    28x28, 5x5, 1 -> 8 (LeNet(4))     3.4     8.2     3.6    2.4       toeplitz
+    14x14, 5x5, 2 -> 4 (LeNet(1))     1.2     4.3     1.4    0.6       toeplitz
+    14x14, 5x5, 4 -> 8 (LeNet(2))     1.7     3.2     1.7    1.5       toeplitz
+    28x28, 5x5, 1 -> 16 (LeNet(8))    5.7     11.2    12.0   6.4       im2col
+    14x14, 5x5, 8 -> 16 (LeNet(4))    4.6     3.3     3.1    4.9       hybrid
+    32x32, 3x3, 3 -> 16 (VGG(4))      11.1    20.0    29.2   30.2      im2col
+    ===============================  ======  ======  =====  ========  ========
+
+  Hence, at stride 1 and kernels larger than 1x1: "toeplitz" for narrow layers (cout <= 8,
+  cin * cout <= 32) whose padded width is at most 8 kernel widths (its band wastes
+  padded_w / kw of the flops); "fft" for cin >= 16, kh * kw * cin * cout >= 9216 (the
+  per-frequency channel matmuls dominate its transforms) and maps of at least 8x8; "hybrid"
+  for cin >= 8, cin * cout <= 1024 and maps of at least 14x14 (XLA's convolutions fall off
+  a cliff below 8 channels and on small maps); "im2col" for the rest and for strided layers.
+  Timings vary by 10-20 % between runs; the decisions held in two sweeps. Another XLA or CPU
+  may move the boundaries; `impl=` on a model overrides this choice.
 
   Args:
     out_hw: output (height, width).
@@ -107,6 +121,8 @@ def cpu_conv_impl(out_hw: Sequence[int], kernel_shape: Sequence[int],
   kh, kw, cin, cout = kernel_shape
   if tuple(strides) != (1, 1) or kh * kw == 1:
     return "im2col"
+  if cout <= 8 and cin * cout <= 32 and out_hw[1] + kw - 1 <= 8 * kw:
+    return "toeplitz"
   if cin >= 16 and kh * kw * cin * cout >= 9216 and min(out_hw) >= 8:
     return "fft"
   if cin >= 8 and cin * cout <= 1024 and out_hw[0] * out_hw[1] >= 14 * 14:
@@ -120,19 +136,18 @@ def resolve_conv_impl(impl: str, out_hw: Sequence[int] | None = None,
   """Returns the concrete convolution implementation for `impl`.
 
   Args:
-    impl: "im2col", "xla", "hybrid", "fft" or "auto". "auto" picks "xla" off CPU (GPU/TPU have fast
-      native convolutions and their gradients). On CPU it picks `cpu_conv_impl` for the
-      layer when its shapes are given, else "im2col". Measured on 2 AVX2 cores: a PGD-10
-      adversarial training step (PGD in `lax.fori_loop`) runs 2.3x (LeNet(16)) to 3x
-      (VGG16(4), ResNet18(4)) faster with im2col than with xla, because XLA:CPU's
-      convolution gradients are slow; "hybrid" keeps im2col's gradients and takes XLA's
-      forward convolution where that is the faster one.
+    impl: "im2col", "xla", "hybrid", "fft", "toeplitz" or "auto". "auto" picks "xla" off
+      CPU (GPU/TPU have fast native convolutions and their gradients). On CPU it picks
+      `cpu_conv_impl` for the layer when its shapes are given, else "im2col": XLA:CPU's
+      own convolution gradients are slow (a PGD-10 step of LeNet(16) ran 2.3x, of VGG16(4)
+      and ResNet18(4) 3x faster with im2col than with "xla"), and the per-layer choice
+      between the four others gains up to 3x more on a layer.
     out_hw: the layer's output (height, width), for "auto" on CPU.
     kernel_shape: the layer's (kh, kw, cin, cout), for "auto" on CPU.
     strides: the layer's strides, for "auto" on CPU.
 
   Returns:
-    "im2col", "xla", "hybrid" or "fft".
+    "im2col", "xla", "hybrid", "fft" or "toeplitz".
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f"Conv impl must be one of {CONV_IMPLS}, got {impl!r}.")
@@ -279,6 +294,58 @@ def conv2d_hybrid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 
   return _conv2d_hybrid(x, kernel, tuple(strides), padding)
 
 
+def _band_selector(out_w: int, padded_w: int, kw: int, sw: int) -> np.ndarray:
+  """(kw, padded_w, out_w) 0/1 array: [j, p, w] = 1 where padded column p = w * sw + j."""
+  sel = np.zeros((kw, padded_w, out_w), np.float32)
+  for j in range(kw):
+    sel[j, np.arange(out_w) * sw + j, np.arange(out_w)] = 1
+  return sel
+
+
+def conv2d_toeplitz(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
+                    padding: Padding = "SAME") -> jax.Array:
+  """2-D convolution as one GEMM of kh row-shifted input rows against a banded matrix.
+
+  Mathematically identical to `conv2d_xla`. Each output row is a sum over the kernel rows i
+  of (padded input row h * sh + i, all columns and channels) times a block-Toeplitz matrix
+  that holds kernel row i on its band; the kh shifted rows are concatenated so that this is
+  a single GEMM of (B * H', kh * Wp * cin) by (kh * Wp * cin, W' * cout), Wp the padded
+  width. It does about Wp / kw times the flops of a direct convolution, but builds its
+  operand from kh contiguous row slices instead of kh * kw single-channel slices: for
+  layers with few channels, which are memory-bound, that is the faster trade (LeNet(4)'s
+  conv1, 28x28, 1 -> 8: 2.4 vs 3.4 ms per forward + input-gradient pass; LeNet(1)'s conv2:
+  0.6 vs 1.2 ms). The banded matrix costs kh * Wp * cin * W' * cout floats: use it for
+  narrow layers only.
+
+  Args:
+    x: input, shape (B, H, W, cin).
+    kernel: shape (kh, kw, cin, cout).
+    strides: (sh, sw).
+    padding: "SAME", "VALID", or ((lo_h, hi_h), (lo_w, hi_w)).
+
+  Returns:
+    Output of shape (B, H', W', cout).
+  """
+  kh, kw, cin, cout = kernel.shape
+  if x.ndim != 4 or x.shape[-1] != cin:
+    raise ValueError(f"conv input must be (B, H, W, {cin}) for kernel {kernel.shape}, "
+                     f"got {x.shape}.")
+  sh, sw = strides
+  (ph_lo, ph_hi), (pw_lo, pw_hi) = _explicit_padding(x.shape[1:3], (kh, kw), strides, padding)
+  out_h, out_w = _output_hw(x.shape[1:3], (kh, kw), strides, padding)
+  if out_h < 1 or out_w < 1:
+    raise ValueError(f"conv kernel {kernel.shape[:2]} does not fit input {x.shape[1:3]} "
+                     f"after padding.")
+  b = x.shape[0]
+  x = jnp.pad(x, ((0, 0), (ph_lo, ph_hi), (pw_lo, pw_hi), (0, 0)))
+  padded_w = x.shape[2]
+  x = x.reshape(b, x.shape[1], padded_w * cin)
+  rows = jnp.concatenate([x[:, i:i + (out_h - 1) * sh + 1:sh] for i in range(kh)], axis=-1)
+  band = jnp.einsum("ijco,jpw->ipcwo", kernel, _band_selector(out_w, padded_w, kw, sw))
+  y = rows.reshape(b * out_h, kh * padded_w * cin) @ band.reshape(-1, out_w * cout)
+  return y.reshape(b, out_h, out_w, cout)
+
+
 @functools.lru_cache(maxsize=64)
 def _fft_conv_matrices(in_hw: tuple[int, int], pads: tuple[tuple[int, int], ...],
                        kernel_hw: tuple[int, int]) -> tuple[np.ndarray, ...]:
@@ -390,7 +457,7 @@ def conv2d_fft(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
 
 
 _CONV_FNS = {"im2col": conv2d_im2col, "xla": conv2d_xla, "hybrid": conv2d_hybrid,
-             "fft": conv2d_fft}
+             "fft": conv2d_fft, "toeplitz": conv2d_toeplitz}
 
 
 class Conv(nn.Module):
@@ -405,8 +472,8 @@ class Conv(nn.Module):
     strides: (sh, sw). Any stride works with every implementation.
     padding: "SAME" (default), "VALID", or ((lo_h, hi_h), (lo_w, hi_w)).
     use_bias: whether to add a bias (off when BatchNorm follows).
-    impl: "auto" (per layer on CPU, xla elsewhere), "im2col", "xla" or "hybrid"; see
-      `resolve_conv_impl`.
+    impl: "auto" (per layer on CPU, xla elsewhere), "im2col", "xla", "hybrid", "fft" or
+      "toeplitz"; see `resolve_conv_impl` and `cpu_conv_impl`. "fft" needs stride 1.
     kernel_init: initialiser of the kernel.
     bias_init: initialiser of the bias.
   """
