@@ -115,6 +115,15 @@ def test_conv_forward_mode_and_input_only_gradient(impl):
     _assert_close_at_scale(g, w)
 
 
+@pytest.mark.parametrize("impl", ["im2col", "hybrid", "fft", "toeplitz"])
+def test_conv_impls_name_bad_shapes(impl):
+  conv = getattr(layers, f"conv2d_{impl}")
+  with pytest.raises(ValueError, match=r"conv input must be \(B, H, W, 3\)"):
+    conv(jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 3, 4)))
+  with pytest.raises(ValueError, match="does not fit"):
+    conv(jnp.zeros((1, 2, 2, 3)), jnp.zeros((5, 5, 3, 4)), (1, 1), "VALID")
+
+
 def test_fft_conv_rejects_strides_and_negative_padding():
   x, kernel = jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 2, 4))
   with pytest.raises(ValueError, match="stride"):

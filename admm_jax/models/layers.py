@@ -183,6 +183,21 @@ def _output_hw(in_hw: Sequence[int], kernel_hw: Sequence[int], strides: Sequence
           for n, (lo, hi), k, s in zip(in_hw, pads, kernel_hw, strides)]
 
 
+def _checked_geometry(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                      padding: Padding) -> tuple[list[tuple[int, int]], list[int]]:
+  """Explicit (lo, hi) pads and output (height, width) of a convolution; clear errors."""
+  kh, kw, cin, _ = kernel.shape
+  if x.ndim != 4 or x.shape[-1] != cin:
+    raise ValueError(f"conv input must be (B, H, W, {cin}) for kernel {kernel.shape}, "
+                     f"got {x.shape}.")
+  pads = _explicit_padding(x.shape[1:3], (kh, kw), strides, padding)
+  out_hw = _output_hw(x.shape[1:3], (kh, kw), strides, padding)
+  if min(out_hw) < 1:
+    raise ValueError(f"conv kernel {kernel.shape[:2]} does not fit input {x.shape[1:3]} "
+                     f"after padding {pads}.")
+  return pads, out_hw
+
+
 def conv2d_xla(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
                padding: Padding = "SAME") -> jax.Array:
   """2-D convolution by `lax.conv_general_dilated` (the reference implementation).
@@ -220,16 +235,9 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 
     Output of shape (B, H', W', cout).
   """
   kh, kw, cin, cout = kernel.shape
-  if x.ndim != 4 or x.shape[-1] != cin:
-    raise ValueError(f"conv input must be (B, H, W, {cin}) for kernel {kernel.shape}, "
-                     f"got {x.shape}.")
   sh, sw = strides
-  (ph_lo, ph_hi), (pw_lo, pw_hi) = _explicit_padding(x.shape[1:3], (kh, kw), strides, padding)
-  out_h, out_w = _output_hw(x.shape[1:3], (kh, kw), strides, padding)
-  x = jnp.pad(x, ((0, 0), (ph_lo, ph_hi), (pw_lo, pw_hi), (0, 0)))
-  if out_h < 1 or out_w < 1:
-    raise ValueError(f"conv kernel {kernel.shape[:2]} does not fit input {x.shape[1:3]} "
-                     f"after padding.")
+  pads, (out_h, out_w) = _checked_geometry(x, kernel, strides, padding)
+  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
   cols = [x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
           for i in range(kh) for j in range(kw)]
   patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
@@ -289,6 +297,7 @@ def conv2d_hybrid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 
   `conv2d_xla`'s; derivatives equal the convolution's, in forward and reverse mode.
   Arguments and result as `conv2d_im2col`.
   """
+  _checked_geometry(x, kernel, strides, padding)
   if not isinstance(padding, str):
     padding = tuple(tuple(p) for p in padding)  # hashable: a static argument of the jvp
   return _conv2d_hybrid(x, kernel, tuple(strides), padding)
@@ -315,29 +324,13 @@ def conv2d_toeplitz(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1
   layers with few channels, which are memory-bound, that is the faster trade (LeNet(4)'s
   conv1, 28x28, 1 -> 8: 2.4 vs 3.4 ms per forward + input-gradient pass; LeNet(1)'s conv2:
   0.6 vs 1.2 ms). The banded matrix costs kh * Wp * cin * W' * cout floats: use it for
-  narrow layers only.
-
-  Args:
-    x: input, shape (B, H, W, cin).
-    kernel: shape (kh, kw, cin, cout).
-    strides: (sh, sw).
-    padding: "SAME", "VALID", or ((lo_h, hi_h), (lo_w, hi_w)).
-
-  Returns:
-    Output of shape (B, H', W', cout).
+  narrow layers only. Arguments and result as `conv2d_im2col`.
   """
   kh, kw, cin, cout = kernel.shape
-  if x.ndim != 4 or x.shape[-1] != cin:
-    raise ValueError(f"conv input must be (B, H, W, {cin}) for kernel {kernel.shape}, "
-                     f"got {x.shape}.")
   sh, sw = strides
-  (ph_lo, ph_hi), (pw_lo, pw_hi) = _explicit_padding(x.shape[1:3], (kh, kw), strides, padding)
-  out_h, out_w = _output_hw(x.shape[1:3], (kh, kw), strides, padding)
-  if out_h < 1 or out_w < 1:
-    raise ValueError(f"conv kernel {kernel.shape[:2]} does not fit input {x.shape[1:3]} "
-                     f"after padding.")
+  pads, (out_h, out_w) = _checked_geometry(x, kernel, strides, padding)
   b = x.shape[0]
-  x = jnp.pad(x, ((0, 0), (ph_lo, ph_hi), (pw_lo, pw_hi), (0, 0)))
+  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
   padded_w = x.shape[2]
   x = x.reshape(b, x.shape[1], padded_w * cin)
   rows = jnp.concatenate([x[:, i:i + (out_h - 1) * sh + 1:sh] for i in range(kh)], axis=-1)
@@ -419,21 +412,14 @@ def conv2d_fft(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
     Output of shape (B, H', W', cout).
   """
   kh, kw, cin, cout = kernel.shape
-  if x.ndim != 4 or x.shape[-1] != cin:
-    raise ValueError(f"conv input must be (B, H, W, {cin}) for kernel {kernel.shape}, "
-                     f"got {x.shape}.")
   if tuple(strides) != (1, 1):
     raise ValueError(f"conv2d_fft computes stride-1 convolutions only, got strides "
                      f"{tuple(strides)}; use conv2d_im2col or conv2d_xla for strided layers.")
-  b, h, w, _ = x.shape
-  pads = tuple(tuple(p) for p in _explicit_padding((h, w), (kh, kw), (1, 1), padding))
+  pads, (out_h, out_w) = _checked_geometry(x, kernel, strides, padding)
   if min(min(p) for p in pads) < 0:
     raise ValueError(f"conv2d_fft needs non-negative padding, got {pads}.")
-  out_h, out_w = _output_hw((h, w), (kh, kw), (1, 1), padding)
-  if out_h < 1 or out_w < 1:
-    raise ValueError(f"conv kernel {kernel.shape[:2]} does not fit input {x.shape[1:3]} "
-                     f"after padding.")
-  mats = _fft_conv_matrices((h, w), pads, (kh, kw))
+  b, h, w, _ = x.shape
+  mats = _fft_conv_matrices((h, w), tuple(tuple(p) for p in pads), (kh, kw))
   fwd_w, fwd_h, inv_h, inv_w, cos, sin = (jnp.asarray(m, x.dtype) for m in mats)
   n_h, nf = cos.shape[:2]
   # Kernel spectrum: re = sum(k cos), im = -sum(k sin); the correlation multiplies by its
