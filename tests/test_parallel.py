@@ -164,12 +164,16 @@ def test_sharded_train_step_equals_single_device_and_keeps_state_replicated():
 TINY = [f"--config={os.path.join(ROOT, 'configs', 'fashion_mnist_lenet.py')}:tiny",
         "--config.data.limit_train=512", "--config.data.limit_test=256",
         "--config.pretrain.epochs=1", "--config.admm.epochs=1", "--config.retrain.epochs=1"]
-# Accuracies may differ by a few of the 256 test examples: the 8-device step sums the
-# gradient in another order (8 partial sums + an all-reduce), a 1e-7 relative difference
-# that 24 steps of training and PGD's sign() steps can turn into a flipped prediction for an
-# example near the decision boundary. 4/256 (1.6%) is far below any real effect of the
-# device count and far above what rounding has produced here (0 of 256 so far).
-ACCURACY_TOLERANCE = 4 / 256
+# Accuracies may differ by some of the 256 test examples: the 8-device step sums the
+# gradient in another order (8 partial sums + an all-reduce) and runs its matmuls on 8-example
+# shards, 1e-7 relative differences that 24 steps of training and PGD's sign() steps can turn
+# into flipped predictions of this barely trained model (natural accuracy 14-40 %, so many
+# examples sit near a decision boundary). With im2col convolutions no prediction flipped;
+# with LeNet(2)'s convolutions as Toeplitz GEMMs (conv_impl "auto" since they are faster)
+# 3, 3 and 10 of 256 flipped in the three stages, while the training loss still agreed to
+# 1.3e-4. 16/256 bounds that; the exact example counts, the training loss (1e-3, below) and
+# the exact sparsity are what a real device-count bug would break.
+ACCURACY_TOLERANCE = 16 / 256
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST) and os.environ.get("CI") != "true",
