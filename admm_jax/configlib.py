@@ -13,6 +13,7 @@ import re
 import ml_collections
 
 from admm_jax import projections
+from admm_jax.models.layers import CONV_IMPLS
 
 STAGE_ORDER = ("pretrain", "admm", "retrain", "scratch")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -56,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
       limit_test=0,                    # evaluate on this many test examples (0 = all)
       augment="none",                  # none | cifar (random crop 32 pad 4 + flip)
   ))
-  c.model = ml_collections.ConfigDict(dict(name="lenet", width=2))
+  c.model = ml_collections.ConfigDict(dict(name="lenet", width=2, conv_impl="auto"))
   c.attack = ml_collections.ConfigDict(dict(
       kind="pgd",              # training attack: pgd | fgsm | none
       eps=0.1,                 # Linf radius, inputs in [0, 1]
@@ -185,6 +186,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.name not in MODELS:
     _fail("model.name", config.model.name, f"use one of {', '.join(MODELS)}")
   _positive_int(config, "model.width")
+  if config.model.conv_impl not in CONV_IMPLS:
+    _fail("model.conv_impl", config.model.conv_impl,
+          f"use one of {', '.join(CONV_IMPLS)} (see admm_jax.models.layers.cpu_conv_impl)")
   if config.attack.kind not in ("pgd", "fgsm", "none"):
     _fail("attack.kind", config.attack.kind, "use 'pgd', 'fgsm' or 'none'")
   _number(config, "attack.eps", 0.0, 1.0)

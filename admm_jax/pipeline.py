@@ -139,7 +139,8 @@ class Context:
     self._eval_steps = {}
 
   def model(self, width: int):
-    return models.get_model(self.config.model.name, width, self.dataset.num_classes)
+    return models.get_model(self.config.model.name, width, self.dataset.num_classes,
+                            conv_impl=self.config.model.conv_impl)
 
   def key(self, *purpose: str) -> jax.Array:
     key = self.root_key

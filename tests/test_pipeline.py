@@ -6,8 +6,11 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
+
+from admm_jax import configlib, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_lenet.py")
@@ -118,6 +121,7 @@ def _tree_digest(path):
 @pytest.mark.parametrize("flag,expected", [
     ("--config.attack.eps=-0.5", "config.attack.eps=-0.5 is invalid"),
     ("--config.model.name=alexnet", "config.model.name='alexnet' is invalid"),
+    ("--config.model.conv_impl=winograd", "config.model.conv_impl='winograd' is invalid"),
     ("--config.stages=retrain,pretrain", "config.stages='retrain,pretrain' is invalid"),
     ("--config.sparsity=conv1/kernel=rows:0.5", "kind 'rows'"),
     ("--config.batch_size=0", "config.batch_size=0 is invalid"),
@@ -178,3 +182,12 @@ def test_tfds_path_end_to_end_under_mock_data(tmp_path):
   assert report["dataset"] == {"name": "mnist", "train": 256, "validation": 64, "test": 64}
   rec = report["stages"]["pretrain"]
   assert rec["test_examples"] == 64 and 0 <= rec["adversarial_accuracy"] <= rec["natural_accuracy"]
+
+
+def test_model_takes_the_configs_conv_impl():
+  config = configlib.base_config()
+  config.model.conv_impl = "xla"
+  configlib.validate(config)
+  ctx = types.SimpleNamespace(config=config, dataset=types.SimpleNamespace(num_classes=10))
+  model = pipeline.Context.model(ctx, 3)
+  assert (model.width, model.conv_impl) == (3, "xla")
