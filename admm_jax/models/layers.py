@@ -3,13 +3,13 @@ XLA:CPU, and an optional per-channel input normalisation.
 
 On XLA:CPU, `lax.conv_general_dilated` with its gradients is slow inside the PGD loop of
 adversarial training, and so is the select-and-scatter gradient of `lax.reduce_window`.
-`Conv` can instead compute the convolution as one matmul over kh*kw shifted slices of the
-padded input (im2col by slicing), whose forward and backward are plain matmuls, slices and
-pads; or ("hybrid") keep XLA's forward convolution, which is faster for mid-sized layers,
-with im2col's derivatives; or ("fft") use the convolution theorem with the DFTs as small
-matmuls, which does several times fewer flops for wide layers; `max_pool_2x2` is a reshape
-plus a max. All compute the same mathematics as their `lax` counterparts (tested to float32
-round-off, values and gradients).
+`Conv` instead picks per layer (`cpu_conv_impl`) one of: im2col, one matmul over kh*kw
+shifted slices of the padded input; "hybrid", XLA's forward convolution with an input
+gradient that XLA also runs as a forward convolution; "fft", the convolution theorem with
+the DFTs as small matmuls, several times fewer flops for wide layers; "toeplitz", one GEMM
+against a banded kernel matrix, for narrow layers. `max_pool_2x2` is a reshape plus a max.
+All compute the same mathematics as their `lax` counterparts (tested to float32 round-off,
+values and gradients).
 Layouts follow Flax: inputs NHWC, kernels (kh, kw, cin, cout).
 """
 from collections.abc import Sequence
@@ -191,11 +191,16 @@ def _checked_geometry(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     raise ValueError(f"conv input must be (B, H, W, {cin}) for kernel {kernel.shape}, "
                      f"got {x.shape}.")
   pads = _explicit_padding(x.shape[1:3], (kh, kw), strides, padding)
-  out_hw = _output_hw(x.shape[1:3], (kh, kw), strides, padding)
+  out_hw = _output_hw(x.shape[1:3], (kh, kw), strides, pads)
   if min(out_hw) < 1:
     raise ValueError(f"conv kernel {kernel.shape[:2]} does not fit input {x.shape[1:3]} "
                      f"after padding {pads}.")
   return pads, out_hw
+
+
+def _lax_padding(padding: Padding) -> str | tuple[tuple[int, int], ...]:
+  """`padding` as `lax.conv_general_dilated` takes it."""
+  return padding.upper() if isinstance(padding, str) else tuple(map(tuple, padding))
 
 
 def conv2d_xla(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
@@ -213,7 +218,7 @@ def conv2d_xla(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
   """
   return lax.conv_general_dilated(
       x, kernel, window_strides=tuple(strides),
-      padding=padding.upper() if isinstance(padding, str) else tuple(map(tuple, padding)),
+      padding=_lax_padding(padding),
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
@@ -264,7 +269,7 @@ def _conv2d_oi(x: jax.Array, kernel: jax.Array, padding: Any) -> jax.Array:
   """
   return lax.conv_general_dilated(
       x, jnp.transpose(kernel, (0, 1, 3, 2)), window_strides=(1, 1),
-      padding=padding.upper() if isinstance(padding, str) else padding,
+      padding=_lax_padding(padding),
       dimension_numbers=("NHWC", "HWOI", "NHWC"))
 
 
