@@ -94,18 +94,10 @@ def admm(spec: sparsity.SparsitySpec | dict, *, rho: float, update_every: int,
     _check_params(params, "admm.update")
     rules = sparsity.rules_tree(params, spec)
 
-    def zu_step(operand):
-      z, u = operand
-      masked = lambda *_: optax.MaskedNode()
-      z_new = sparsity.map_pruned(lambda r, w, uu: projections.project(w + uu, r.kind, r.ratio),
-                                  rules, params, u, default=masked)
-      u_new = sparsity.map_pruned(lambda r, w, uu, zz: uu + w - zz, rules, params, u, z_new,
-                                  default=masked)
-      return z_new, u_new
-
     do_zu = (state.count > 0) & (state.count % update_every == 0)
     # lax.cond: the projections (the costly part) run only on Z/U steps.
-    z, u = jax.lax.cond(do_zu, zu_step, lambda operand: operand, (state.z, state.u))
+    z, u = jax.lax.cond(do_zu, lambda zu: zu_update(rules, params, zu[1]), lambda zu: zu,
+                        (state.z, state.u))
     new_rho = jnp.where(do_zu, state.rho * rho_growth, state.rho)
 
     def add_penalty(zz, g, w, uu):
@@ -117,6 +109,24 @@ def admm(spec: sparsity.SparsitySpec | dict, *, rho: float, update_every: int,
     return updates, ADMMState(optax.safe_int32_increment(state.count), new_rho, z, u)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def zu_update(rules: Params, params: Params, u: Params) -> tuple[Params, Params]:
+  """The ADMM Z- and U-steps: Z = Proj(W + U), U = U + W - Z, on every pruned leaf.
+
+  Args:
+    rules: `sparsity.rules_tree(params, spec)`: a `sparsity.Rule` per pruned leaf, else None.
+    params: the weights W.
+    u: the scaled duals U (any value on unpruned leaves, e.g. optax.MaskedNode).
+
+  Returns:
+    (Z, U): new pytrees like params, with optax.MaskedNode on the unpruned leaves.
+  """
+  masked = lambda *_: optax.MaskedNode()
+  z = sparsity.map_pruned(lambda r, w, uu: projections.project(w + uu, r.kind, r.ratio),
+                          rules, params, u, default=masked)
+  u = sparsity.map_pruned(lambda r, w, uu, zz: uu + w - zz, rules, params, u, z, default=masked)
+  return z, u
 
 
 def _pruned_pairs(state: ADMMState, params: Params):

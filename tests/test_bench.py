@@ -60,11 +60,20 @@ def test_flops_are_the_models_nominal_count_whatever_conv_impl_runs():
   assert nominal >= 2 * conv2_macs * (3 + 2 * case.steps) * case.batch
 
 
-def test_zu_update_and_numpy_percentile_are_timed():
-  model = models.get_model("lenet", 1)
-  params = train.init_variables(model, jax.random.key(0), (28, 28, 1))["params"]
-  out = bench.zu_update_vs_numpy(params, repeats=1)
-  assert out["zu_update_ms"] > 0 and out["numpy_percentile_ms"] > 0
+def test_extras_row_measures_the_transforms_and_formats():
+  # The extras path of one tiny row, in process: the optimizer-update costs, the step A/B,
+  # the Z/U update, the input pipeline and eval, and the table line that shows them.
+  case = bench.Case.parse("lenet:1:2:16")
+  row = bench.run_case(case, repeats=1, min_seconds=0.02, use_torch=False, extras=True,
+                       peak_gflops=1.0, log=lambda _: None)
+  for k in ("sgd_update_ms", "admm_update_ms", "masks_update_ms", "zu_update_ms",
+            "numpy_percentile_ms", "input_pipeline_ex_per_s", "eval_pgd_ex_per_s"):
+    assert row[k] > 0, (k, row[k])
+  step_ms = 1e3 * case.batch / row["admm_jax_ex_per_s"]
+  want = 100 * (row["admm_update_ms"] - row["sgd_update_ms"]) / step_ms
+  assert row["admm_update_pct_of_step"] == pytest.approx(want)
+  line = bench.format_table([row]).splitlines()[-1]
+  assert f"{row['admm_update_pct_of_step']:+.2f}%" in line and "(A/B " in line
 
 
 def _torch():

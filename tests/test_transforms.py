@@ -58,6 +58,18 @@ def _np_admm(params_seq, grads_seq, rho, update_every, growth):
   return outs, z, u, rho
 
 
+def test_zu_update_is_the_projection_and_the_dual_step():
+  # The public Z/U step (used by admm and timed by the bench) on its own.
+  params, u = _params(jax.random.key(3)), _params(jax.random.key(4))
+  z_new, u_new = transforms.zu_update(sparsity.rules_tree(params, SPEC), params, u)
+  for k, r in RULES.items():
+    w, uu = np.asarray(params[k[0]][k[1]]), np.asarray(u[k[0]][k[1]])
+    np.testing.assert_allclose(z_new[k[0]][k[1]], _np_project(w + uu, *r), rtol=1e-6)
+    np.testing.assert_allclose(u_new[k[0]][k[1]], uu + w - _np_project(w + uu, *r), atol=1e-6)
+  assert isinstance(z_new["dense"]["bias"], optax.MaskedNode)
+  assert isinstance(u_new["conv"]["bias"], optax.MaskedNode)
+
+
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_admm_matches_numpy_formulas_over_several_zu_updates(use_jit):
   steps, update_every, rho0, growth = 10, 3, 0.05, 1.3
