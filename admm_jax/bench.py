@@ -112,10 +112,16 @@ def _median(xs: list[float]) -> float:
   return float(statistics.median(xs)) if xs else float("nan")
 
 
+def _matmul_size() -> int:
+  """n of the peak-measuring n x n matmul: large enough to saturate the backend's device."""
+  return 1536 if jax.default_backend() == "cpu" else 8192
+
+
 class Matmul:
   """One n x n float32 XLA matmul; timed alongside the steps to give the in-situ peak."""
 
-  def __init__(self, n: int = 1536):
+  def __init__(self, n: int | None = None):
+    n = n or _matmul_size()
     self.flops = 2 * n ** 3
     self.a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
     self.f = jax.jit(lambda a: a @ a)
@@ -124,8 +130,9 @@ class Matmul:
     self.f(self.a).block_until_ready()
 
 
-def matmul_peak_gflops(n: int = 1536, seconds: float = 1.0) -> float:
+def matmul_peak_gflops(n: int | None = None, seconds: float = 1.0) -> float:
   """The machine's float32 matmul rate (GFLOP/s): best of a few timed n x n XLA matmuls."""
+  n = n or _matmul_size()
   a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
   f = jax.jit(lambda a: a @ a)
   f(a).block_until_ready()
@@ -310,31 +317,66 @@ def eval_ex_per_s(case: Case, state: train.TrainState, repeats: int) -> float:
 
 # ----------------------------------------------------------------------------- the torch side
 
-class TorchStep:
-  """The PyTorch-eager re-statement (`bench_torch`) on the same batch, NCHW."""
+def torch_device(choice: str, jax_backend: str, cuda_available: bool) -> str:
+  """The device the PyTorch side runs on: "auto" follows JAX's backend (cuda with a GPU).
 
-  def __init__(self, case: Case):
+  Raises:
+    SystemExit: cuda asked for (or implied by JAX on a GPU) while torch has no CUDA; a GPU
+      step timed against a CPU one would be a meaningless ratio.
+  """
+  if choice not in ("auto", "cpu", "cuda"):
+    raise SystemExit(f"--torch-device must be auto, cpu or cuda, got {choice!r}.")
+  want = ("cuda" if jax_backend == "gpu" else "cpu") if choice == "auto" else choice
+  if want == "cuda" and not cuda_available:
+    raise SystemExit("JAX runs on a GPU but this torch has no CUDA: install torch's CUDA "
+                     "build (pip install torch==2.13.0 --index-url "
+                     "https://download.pytorch.org/whl/cu126) or pass --no-torch.")
+  return want
+
+
+class TorchStep:
+  """The PyTorch-eager re-statement (`bench_torch`) on the same batch, NCHW.
+
+  On cuda, TF32 matmuls are allowed as XLA allows them by default for float32 on GPUs (torch
+  allows them in convolutions only), so both sides run the same arithmetic.
+  """
+
+  def __init__(self, case: Case, device: str = "cpu"):
     import torch  # pylint: disable=import-outside-toplevel
     from admm_jax import bench_torch  # pylint: disable=import-outside-toplevel
     torch.manual_seed(0)
     shape = INPUT_SHAPES[case.model]
+    model = bench_torch.build_model(case.model, case.width, shape[-1]).to(device)
     self.trainer = bench_torch.TorchADMMTrainer(
-        bench_torch.build_model(case.model, case.width, shape[-1]), eps=EPS,
-        step_size=STEP_SIZE, steps=case.steps, lr=LR, momentum=MOMENTUM, rho=RHO,
-        prune_ratio=PRUNE)
+        model, eps=EPS, step_size=STEP_SIZE, steps=case.steps, lr=LR, momentum=MOMENTUM,
+        rho=RHO, prune_ratio=PRUNE)
     b = _batch(case)
-    self.x = torch.from_numpy(np.ascontiguousarray(b["image"].transpose(0, 3, 1, 2)))
-    self.y = torch.from_numpy(b["label"].astype(np.int64))
+    self.x = torch.from_numpy(np.ascontiguousarray(b["image"].transpose(0, 3, 1, 2))).to(device)
+    self.y = torch.from_numpy(b["label"].astype(np.int64)).to(device)
+    on_cuda = torch.device(device).type == "cuda"
+    self.sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    if on_cuda:
+      torch.backends.cuda.matmul.allow_tf32 = True
 
   def __call__(self) -> None:
     self.trainer.step(self.x, self.y)
+    self.sync()  # CUDA runs asynchronously: time the work, not its launch
 
 
 # ----------------------------------------------------------------------------- driver
 
+def _device_peak_mb() -> float | None:
+  """Peak memory in use on JAX's first device so far (MB); None where the backend keeps no
+  statistics (CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  return stats["peak_bytes_in_use"] / 2 ** 20
+
+
 def run_case(case: Case, *, repeats: int, min_seconds: float, use_torch: bool, extras: bool,
-             peak_gflops: float, log: Callable[[str], None], profile_top: int = 0
-             ) -> dict[str, Any]:
+             peak_gflops: float, log: Callable[[str], None], profile_top: int = 0,
+             torch_device_name: str = "cpu") -> dict[str, Any]:
   """Measures one row (see the module docstring)."""
   log(f"case {case.model}(w={case.width}) PGD-{case.steps} batch {case.batch}: compiling")
   step = JaxStep(case)
@@ -342,7 +384,7 @@ def run_case(case: Case, *, repeats: int, min_seconds: float, use_torch: bool, e
   matmul = Matmul()
   fns: dict[str, Callable[[], None]] = {"jax": step}
   if use_torch:
-    fns["torch"] = TorchStep(case)
+    fns["torch"] = TorchStep(case, torch_device_name)
   fns["matmul"] = matmul
   log("  timing " + " / ".join(fns))
   times = alternate(fns, repeats, min_seconds)
@@ -359,7 +401,8 @@ def run_case(case: Case, *, repeats: int, min_seconds: float, use_torch: bool, e
       "matmul_peak_gflop_per_s": peak, "matmul_best_gflop_per_s": peak_best,
       "torch_gflop_per_s": None, "torch_pct_of_peak": None,
       "compile_s": step.compile_s, "xla_memory_mb": step.memory_mb(),
-      "recompiles": step.recompiles(), "repeats": repeats,
+      "recompiles": step.recompiles(), "repeats": repeats, "device_peak_mb": _device_peak_mb(),
+      "torch_device": torch_device_name if use_torch else None,
       "load_avg_1m": os.getloadavg()[0],
   }
   if use_torch:
@@ -369,6 +412,9 @@ def run_case(case: Case, *, repeats: int, min_seconds: float, use_torch: bool, e
                ratio_min=min(ratios), ratio_max=max(ratios),
                torch_gflop_per_s=flops / torch_s / 1e9,
                torch_pct_of_peak=100 * flops / torch_s / 1e9 / peak)
+  if use_torch and torch_device_name == "cuda":
+    import torch  # pylint: disable=import-outside-toplevel
+    row["torch_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
   if extras:
     log("  extras: admm / apply_masks overhead, Z/U update, input pipeline, eval")
     plain, masked = JaxStep(case, "sgd"), JaxStep(case, "masks")
@@ -463,6 +509,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                  help="seconds per timed round and side (default 1.0; quick 0.5)")
   p.add_argument("--json", action="store_true", help="print the rows as JSON")
   p.add_argument("--no-torch", action="store_true", help="time admm_jax only")
+  p.add_argument("--torch-device", default="auto", help="auto (cuda when JAX runs on a GPU, "
+                 "else cpu), cpu or cuda")
   p.add_argument("--no-extras", action="store_true", help="skip overhead / Z/U / input / eval")
   p.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="TOP",
                  help="also profile each case's step per XLA op and print the TOP slowest "
@@ -482,6 +530,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       raise SystemExit("torch is not installed: pip install 'admm_jax[bench]' "
                        "(or pass --no-torch).") from None
     torch.set_num_threads(threads)
+    device_name = torch_device(args.torch_device, jax.default_backend(),
+                               torch.cuda.is_available())
+  else:
+    device_name = "cpu"
   log = (lambda s: print(s, file=sys.stderr, flush=True))
   if jax.default_backend() == "cpu":
     # What the im2col path does at its first trace, done first so that both sides of every
@@ -494,7 +546,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   for case in cases:
     row = run_case(case, repeats=repeats, min_seconds=min_seconds, use_torch=use_torch,
                    extras=not args.no_extras, peak_gflops=peak, log=log,
-                   profile_top=args.profile)
+                   profile_top=args.profile, torch_device_name=device_name)
     rows.append(row)
     log(format_table([row]).splitlines()[-1])
   info = machine_info(threads)

@@ -60,12 +60,16 @@ def test_flops_are_the_models_nominal_count_whatever_conv_impl_runs():
   assert nominal >= 2 * conv2_macs * (3 + 2 * case.steps) * case.batch
 
 
-def test_extras_row_measures_the_transforms_and_formats():
-  # The extras path of one tiny row, in process: the optimizer-update costs, the step A/B,
-  # the Z/U update, the input pipeline and eval, and the table line that shows them.
+def test_full_row_with_torch_and_extras_measures_and_formats():
+  # One tiny row through everything, in process: the torch twin on its device, the ratio,
+  # the optimizer-update costs, the step A/B, the Z/U update, the input pipeline and eval,
+  # and the table line that shows them.
+  _torch()
   case = bench.Case.parse("lenet:1:2:16")
-  row = bench.run_case(case, repeats=1, min_seconds=0.02, use_torch=False, extras=True,
-                       peak_gflops=1.0, log=lambda _: None)
+  row = bench.run_case(case, repeats=2, min_seconds=0.02, use_torch=True, extras=True,
+                       peak_gflops=1.0, log=lambda _: None, torch_device_name="cpu")
+  assert row["torch_ex_per_s"] > 0 and row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+  assert row["torch_device"] == "cpu" and row["device_peak_mb"] is None  # CPU keeps no stats
   for k in ("sgd_update_ms", "admm_update_ms", "masks_update_ms", "zu_update_ms",
             "numpy_percentile_ms", "input_pipeline_ex_per_s", "eval_pgd_ex_per_s"):
     assert row[k] > 0, (k, row[k])
@@ -74,6 +78,16 @@ def test_extras_row_measures_the_transforms_and_formats():
   assert row["admm_update_pct_of_step"] == pytest.approx(want)
   line = bench.format_table([row]).splitlines()[-1]
   assert f"{row['admm_update_pct_of_step']:+.2f}%" in line and "(A/B " in line
+
+
+def test_torch_device_follows_jax_and_refuses_a_gpu_cpu_comparison():
+  assert bench.torch_device("auto", "cpu", cuda_available=True) == "cpu"
+  assert bench.torch_device("auto", "gpu", cuda_available=True) == "cuda"
+  assert bench.torch_device("cpu", "gpu", cuda_available=False) == "cpu"
+  with pytest.raises(SystemExit, match="no CUDA.*--no-torch"):
+    bench.torch_device("auto", "gpu", cuda_available=False)
+  with pytest.raises(SystemExit, match="--torch-device must be auto, cpu or cuda"):
+    bench.torch_device("gpu", "cpu", cuda_available=False)
 
 
 def _torch():
