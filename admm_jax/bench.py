@@ -328,9 +328,8 @@ def torch_device(choice: str, jax_backend: str, cuda_available: bool) -> str:
     raise SystemExit(f"--torch-device must be auto, cpu or cuda, got {choice!r}.")
   want = ("cuda" if jax_backend == "gpu" else "cpu") if choice == "auto" else choice
   if want == "cuda" and not cuda_available:
-    raise SystemExit("JAX runs on a GPU but this torch has no CUDA: install torch's CUDA "
-                     "build (pip install torch==2.13.0 --index-url "
-                     "https://download.pytorch.org/whl/cu126) or pass --no-torch.")
+    raise SystemExit("JAX runs on a GPU but this torch has no CUDA: install a CUDA build of "
+                     "torch (PyPI's Linux x86_64 wheels are CUDA builds) or pass --no-torch.")
   return want
 
 
