@@ -91,9 +91,9 @@ def test_conv_impls_match_lax_values_and_gradients(impl, x_shape, kernel_shape, 
     _assert_close_at_scale(g, w)
 
 
-@pytest.mark.parametrize("impl", ["hybrid", "fft", "toeplitz"])
+@pytest.mark.parametrize("impl", ["im2col", "hybrid", "fft", "toeplitz"])
 def test_conv_forward_mode_and_input_only_gradient(impl):
-  # Forward mode works (hybrid is a custom_jvp, not a custom_vjp) and equals lax's; a gradient
+  # Forward mode works (im2col and hybrid are custom_jvps, not custom_vjps) and equals lax's; a gradient
   # with respect to the input alone (the PGD case: the kernel's tangent is a symbolic zero) too.
   conv_impl = getattr(layers, f"conv2d_{impl}")
   rng = np.random.default_rng(2)
@@ -113,6 +113,39 @@ def test_conv_forward_mode_and_input_only_gradient(impl):
   got, want = derivatives(x, kernel, tx, tk)
   for g, w in zip(got, want):
     _assert_close_at_scale(g, w)
+
+
+def test_im2col_batch_chunk_rule():
+  mb = 1 << 20
+  assert layers.im2col_batch_chunk(128, mb // 64, devices=1) == 128   # 2 MB: whole
+  assert layers.im2col_batch_chunk(128, 590 * 1024, devices=1) == 4   # 74 MB: 4 x 2.3 MB
+  assert layers.im2col_batch_chunk(96, mb, devices=1) == 4            # divisors of 96 only
+  assert layers.im2col_batch_chunk(127, mb, devices=1) == 1           # a prime batch
+  assert layers.im2col_batch_chunk(128, 64 * mb, devices=1) == 1      # one example is too big
+  assert layers.im2col_batch_chunk(128, 590 * 1024, devices=8) == 128  # sharded batch: whole
+
+
+@pytest.mark.parametrize("impl", ["im2col", "hybrid"])
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_kernel_gradient_in_batch_chunks_matches_lax(impl, strides, monkeypatch):
+  # The kernel tangent (and so the kernel gradient) loops over batch chunks when the patch
+  # matrix is large; forced here to chunks of 2 out of 6 examples.
+  monkeypatch.setattr(layers, "im2col_batch_chunk", lambda batch, *_, **__: 2)
+  conv_impl = getattr(layers, f"conv2d_{impl}")
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((6, 8, 8, 3), np.float32)
+  kernel = rng.standard_normal((3, 3, 3, 4), np.float32)
+  tk = rng.standard_normal(kernel.shape, np.float32)
+  loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k, strides, "SAME")))
+  derivatives = jax.jit(lambda conv, x, k, tk: (jax.grad(loss(conv), (0, 1))(x, k),
+                                                jax.jvp(lambda k: conv(x, k, strides, "SAME"),
+                                                        (k,), (tk,))[1]),
+                        static_argnums=0)
+  got, want = derivatives(conv_impl, x, kernel, tk), derivatives(layers.conv2d_xla, x, kernel, tk)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    _assert_close_at_scale(g, w)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss(conv_impl), 1))(x, kernel))
+  assert "scan" in jaxpr or "while" in jaxpr, "the kernel gradient did not loop over chunks"
 
 
 @pytest.mark.parametrize("impl", ["im2col", "hybrid", "fft", "toeplitz"])
