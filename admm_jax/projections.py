@@ -111,10 +111,10 @@ def top_k_mask(scores: jax.Array, k: int) -> jax.Array:
   CPU is far faster than a sort-based top-k for millions of weights. Exactly k entries are
   kept: of the entries equal to the threshold, the lowest-index ones fill the free slots.
 
-  The entries are padded to rows of `_ROW`. A count adds the comparisons down the columns
-  of the (rows, _ROW) buffer's transpose view, in int8: a sum over the major axis is
-  elementwise vector adds, where a sum along each row made XLA:CPU reduce row by row (2-3x
-  slower). Ties cost one more pass: only the row where the free slots run out needs a
+  The entries are padded to a multiple of `_ROW`. A count views them as (_ROW, rows) and
+  adds the comparisons over the major axis, in int8 (each sum is at most _ROW): that is
+  elementwise vector adds, where summing each run of _ROW consecutive entries made XLA:CPU
+  reduce row by row (2-3x slower; a count does not care about the order). Ties cost one more pass: only the row where the free slots run out needs a
   prefix count, not the whole vector (a full cumsum took as long as the bisection).
   """
   n = scores.shape[0]
