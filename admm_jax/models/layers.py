@@ -7,7 +7,9 @@ adversarial training, and so is the select-and-scatter gradient of `lax.reduce_w
 shifted slices of the padded input; "hybrid", XLA's forward convolution with an input
 gradient that XLA also runs as a forward convolution; "fft", the convolution theorem with
 the DFTs as small matmuls, several times fewer flops for wide layers; "toeplitz", one GEMM
-against a banded kernel matrix, for narrow layers. `max_pool_2x2` is a reshape plus a max.
+against a banded kernel matrix, for narrow layers. The kernel gradients of im2col and hybrid
+layers loop over batch chunks when their patch matrix would leave the CPU's caches.
+`max_pool_2x2` is a reshape plus a max.
 All compute the same mathematics as their `lax` counterparts (tested to float32 round-off,
 values and gradients).
 Layouts follow Flax: inputs NHWC, kernels (kh, kw, cin, cout).
@@ -380,9 +382,8 @@ def conv2d_hybrid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 
   does the input gradient when it is handed to XLA as a forward convolution of the flipped
   kernel (`_conv2d_oi`); the kernel gradient, needed once per training step, stays
   im2col's GEMM (in batch chunks when large). Strided layers take im2col's input gradient
-  too. Values equal
-  `conv2d_xla`'s; derivatives equal the convolution's, in forward and reverse mode.
-  Arguments and result as `conv2d_im2col`.
+  too. Values equal `conv2d_xla`'s; derivatives equal the convolution's, in forward and
+  reverse mode. Arguments and result as `conv2d_im2col`.
   """
   _checked_geometry(x, kernel, strides, padding)
   return _conv2d_hybrid(x, kernel, tuple(strides), _static_padding(padding))
