@@ -201,7 +201,8 @@ def _checked_geometry(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
 
 
 def _lax_padding(padding: Padding) -> str | tuple[tuple[int, int], ...]:
-  """`padding` as `lax.conv_general_dilated` takes it."""
+  """`padding` as `lax.conv_general_dilated` takes it; hashable, so it is also the static
+  argument of the custom_jvp convolutions."""
   return padding.upper() if isinstance(padding, str) else tuple(map(tuple, padding))
 
 
@@ -314,11 +315,6 @@ def _conv2d_im2col_jvp(strides, padding, primals, tangents):
   return _conv_jvp(whole, whole, strides, padding, primals, tangents)
 
 
-def _static_padding(padding: Padding) -> Any:
-  """`padding` made hashable: a static argument of the custom_jvp convolutions."""
-  return padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
-
-
 def conv2d_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
                   padding: Padding = "SAME") -> jax.Array:
   """2-D convolution as one matmul over concatenated shifted slices (im2col by slicing).
@@ -339,7 +335,7 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 
     Output of shape (B, H', W', cout).
   """
   _checked_geometry(x, kernel, strides, padding)
-  return _conv2d_im2col(x, kernel, tuple(strides), _static_padding(padding))
+  return _conv2d_im2col(x, kernel, tuple(strides), _lax_padding(padding))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -386,7 +382,7 @@ def conv2d_hybrid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 
   reverse mode. Arguments and result as `conv2d_im2col`.
   """
   _checked_geometry(x, kernel, strides, padding)
-  return _conv2d_hybrid(x, kernel, tuple(strides), _static_padding(padding))
+  return _conv2d_hybrid(x, kernel, tuple(strides), _lax_padding(padding))
 
 
 def _band_selector(out_w: int, padded_w: int, kw: int, sw: int) -> np.ndarray:
@@ -506,7 +502,7 @@ def conv2d_fft(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
   if min(min(p) for p in pads) < 0:
     raise ValueError(f"conv2d_fft needs non-negative padding, got {pads}.")
   b, h, w, _ = x.shape
-  mats = _fft_conv_matrices((h, w), tuple(tuple(p) for p in pads), (kh, kw))
+  mats = _fft_conv_matrices((h, w), _lax_padding(pads), (kh, kw))
   fwd_w, fwd_h, inv_h, inv_w, cos, sin = (jnp.asarray(m, x.dtype) for m in mats)
   n_h, nf = cos.shape[:2]
   # Kernel spectrum: re = sum(k cos), im = -sum(k sin); the correlation multiplies by its
