@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Sized for ~10 minutes on 2 CPU cores; the paper's recipes are in configs/mnist_lenet.py etc.
   c.pretrain = _stage(3, "adam", 1e-3)
-  c.admm = _stage(3, "sgd", 0.01, "admm", rho=0.1, rho_growth=1.3, update_every_epochs=1)
+  c.admm = _stage(3, "sgd", 0.01, "admm", rho=0.1, rho_growth=1.3, update_every_epochs=1.0)
   c.retrain = _stage(2, "adam", 1e-3)
   c.scratch = _stage(0, "adam", 1e-3, width=1)   # epochs 0: pretrain+admm+retrain epochs
 
@@ -215,7 +215,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail(f"{s}.lr_drop_epochs", stage.lr_drop_epochs, "use a tuple of epochs >= 1")
   _number(config, "admm.rho", 0.0, 1e6, lo_open=True)
   _number(config, "admm.rho_growth", 0.0, 100.0, lo_open=True)
-  _positive_int(config, "admm.update_every_epochs")
+  _number(config, "admm.update_every_epochs", 0.0, 1e6, lo_open=True)
   _positive_int(config, "scratch.width")
   _positive_int(config, "parallel.data_axis", zero_ok=True)
   if any(s in names for s in ("admm", "retrain")):

@@ -35,6 +35,9 @@ INPUT_OF = {"admm": "pretrain", "retrain": "admm"}
 # Stages whose output is the best epoch on validation; admm's output is its last iterate
 # (the point ADMM converged to), which retrain then hard-prunes.
 SELECTS_BEST = ("pretrain", "retrain", "scratch")
+# Stages whose starting point is evaluated on validation before the first step (retrain: the
+# accuracy right after hard pruning, which shows what the projection of W cost).
+MEASURES_START = ("retrain",)
 
 
 class WorkdirError(RuntimeError):
@@ -218,7 +221,8 @@ def stage_setup(ctx: Context, stage: str) -> tuple[Any, dict, optax.GradientTran
                          "that finished it.")
   else:
     variables = fresh
-  update_every = ctx.config.admm.update_every_epochs * spe
+  # Z/U period in steps; fractions of an epoch allowed (several Z/U updates per epoch).
+  update_every = max(1, round(ctx.config.admm.update_every_epochs * spe))
   base = optimizer(cfg, lr_schedule(cfg, spe, update_every))
   if stage == "admm":
     tx = optax.chain(transforms.admm(ctx.spec, rho=cfg.rho, update_every=update_every,
@@ -271,9 +275,14 @@ def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
   epochs, spe = _epochs(ctx, stage), ctx.steps_per_epoch()
   total_steps = epochs * spe
   state = train.create_train_state(variables["params"], variables["batch_stats"], tx)
+  nan2 = jnp.full([2], jnp.nan, jnp.float32)
   carry = {"train": state, "epoch_metrics": _zero_metrics(),
            "best": {"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
-                    "metric": jnp.asarray(-1.0, jnp.float32), "epoch": jnp.asarray(-1, jnp.int32)},
+                    "metric": jnp.asarray(-1.0, jnp.float32), "epoch": jnp.asarray(-1, jnp.int32),
+                    "val": nan2},
+           # validation (natural, adversarial) of the last epoch, and of the stage's starting
+           # point (measured for retrain only: what hard pruning cost before any retraining)
+           "last_val": nan2, "start_val": nan2, "start_test": nan2,
            "elapsed": jnp.zeros([], jnp.float32)}
 
   carry = rt.replicate(carry)  # before restoring: orbax restores into these shardings
@@ -282,6 +291,15 @@ def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
   if restored is not None:
     carry = restored
     logging.info("resuming from %s step %d", stage, step)
+  elif stage in MEASURES_START:
+    for split in ("validation", "test"):  # test: reported only, never used to select
+      m = ctx.evaluate(model, state.params, state.batch_stats, split,
+                       ctx.key(split, stage, "start"))
+      carry["start_val" if split == "validation" else "start_test"] = jnp.asarray(
+          [m["natural_accuracy"], m["adversarial_accuracy"]], jnp.float32)
+      logging.info("%s: after hard pruning, before training: %s natural %.4f adversarial %.4f",
+                   stage, split, m["natural_accuracy"], m["adversarial_accuracy"])
+    carry = rt.replicate(carry)
   step = int(carry["train"].step)
   ctx.metrics.truncate(stage, step // spe)
 
@@ -344,9 +362,11 @@ def _end_epoch(ctx: Context, stage: str, model, carry: dict, epoch: int, elapsed
   record.update({f"val_{k}": v for k, v in val.items() if k != "count"})
   best = carry["best"]
   metric = val["adversarial_accuracy"] if val["count"] else float(epoch)  # no validation: last
+  val_pair = jnp.asarray([val["natural_accuracy"], val["adversarial_accuracy"]], jnp.float32)
   if stage in SELECTS_BEST and metric > float(best["metric"]):
     best = {"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
-            "metric": jnp.asarray(metric, jnp.float32), "epoch": jnp.asarray(epoch, jnp.int32)}
+            "metric": jnp.asarray(metric, jnp.float32), "epoch": jnp.asarray(epoch, jnp.int32),
+            "val": val_pair}
   admm_state = transforms.find_admm_state(state.opt_state)
   if admm_state is not None:
     res = jax.device_get(transforms.primal_residuals(admm_state, state.params))
@@ -360,7 +380,24 @@ def _end_epoch(ctx: Context, stage: str, model, carry: dict, epoch: int, elapsed
                f" | rho {record['admm_rho']:.3g} max ||W-Z|| "
                f"{max(record['admm_primal_residual'].values()):.4g}" if admm_state else "")
   return ctx.runtime.replicate(dict(carry, best=best, epoch_metrics=_zero_metrics(),
-                                    elapsed=jnp.asarray(elapsed, jnp.float32)))
+                                    last_val=val_pair, elapsed=jnp.asarray(elapsed, jnp.float32)))
+
+
+def _accuracy_fields(prefix: str, pair: np.ndarray) -> dict[str, float | None]:
+  """{prefix_natural_accuracy, prefix_adversarial_accuracy}; None where nothing was measured."""
+  return {f"{prefix}_{name}_accuracy": None if np.isnan(v) else round(float(v), 6)
+          for name, v in zip(("natural", "adversarial"), pair)}
+
+
+def _admm_diagnostics(admm_state: transforms.ADMMState, params: Any,
+                      spec: sparsity.SparsitySpec) -> dict[str, Any]:
+  """Did ADMM converge? Per pruned layer, ||W - Z|| / ||W|| (the primal residual, relative)
+  and ||W - Proj(W)|| / ||W|| (the share of W that hard pruning is about to remove)."""
+  rel = jax.device_get(transforms.primal_residuals(admm_state, params, relative=True))
+  dist = jax.device_get(sparsity.distance_to_set(params, spec, relative=True))
+  return {"rho": float(admm_state.rho),
+          "relative_primal_residual": {k: round(float(v), 6) for k, v in rel.items()},
+          "relative_distance_to_sparse_set": {k: round(float(v), 6) for k, v in dist.items()}}
 
 
 def _finish_stage(ctx: Context, stage: str, model, carry: dict, out_dir: str, done_path: str,
@@ -369,8 +406,10 @@ def _finish_stage(ctx: Context, stage: str, model, carry: dict, out_dir: str, do
   if stage in SELECTS_BEST and int(carry["best"]["epoch"]) >= 0:
     params, batch_stats = carry["best"]["params"], carry["best"]["batch_stats"]
     chosen = f"epoch {int(carry['best']['epoch']) + 1} (best validation adversarial accuracy)"
+    val = jax.device_get(carry["best"]["val"])
   else:
     params, batch_stats, chosen = state.params, state.batch_stats, "last epoch"
+    val = jax.device_get(carry["last_val"])
   test = ctx.evaluate(model, params, batch_stats, "test", ctx.key("test", stage))
   with checkpoint.manager(out_dir, 1) as out:
     checkpoint.save(out, 0, {"params": params, "batch_stats": batch_stats})
@@ -379,7 +418,14 @@ def _finish_stage(ctx: Context, stage: str, model, carry: dict, out_dir: str, do
             "selected": chosen, "epochs": _epochs(ctx, stage), "steps": int(state.step),
             "model": {"name": ctx.config.model.name, "width": model.width},
             "wall_time_s": round(float(carry["elapsed"]), 2),
-            "total_params": int(sum(np.size(x) for x in jax.tree.leaves(params)))}
+            "total_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+            **_accuracy_fields("val", val)}
+  if stage in MEASURES_START:
+    record.update(_accuracy_fields("after_hard_prune_val", jax.device_get(carry["start_val"])))
+    record.update(_accuracy_fields("after_hard_prune_test", jax.device_get(carry["start_test"])))
+  admm_state = transforms.find_admm_state(state.opt_state)
+  if admm_state is not None:
+    record["admm"] = _admm_diagnostics(admm_state, state.params, ctx.spec)
   if ctx.spec is not None and stage in ("admm", "retrain"):
     rep = sparsity.report(jax.device_get(params), ctx.spec)
     record["sparsity"] = rep.to_dict()
@@ -434,6 +480,14 @@ def summary(report: dict[str, Any]) -> str:
     lines.append(f"  {stage:<9} w={rec['model']['width']:<3} natural {rec['natural_accuracy']:.4f}"
                  f"  adversarial {rec['adversarial_accuracy']:.4f}  params {rec['total_params']}"
                  f"  {rec['wall_time_s']:.0f}s")
+    if rec.get("admm"):
+      worst = max(rec["admm"]["relative_primal_residual"].items(), key=lambda kv: kv[1])
+      lines.append(f"            ADMM end: rho {rec['admm']['rho']:.3g}, largest ||W-Z||/||W|| "
+                   f"{worst[1]:.3f} ({worst[0]}){'' if worst[1] < 0.1 else ': not converged'}")
+    if rec.get("after_hard_prune_val_adversarial_accuracy") is not None:
+      lines.append(f"            right after hard pruning: val natural "
+                   f"{rec['after_hard_prune_val_natural_accuracy']:.4f}  adversarial "
+                   f"{rec['after_hard_prune_val_adversarial_accuracy']:.4f}")
   if "sparsity" in report:
     sp = report["sparsity"]
     lines.append(f"  {sp['stage']} model: {sp['nonzero_params']} of {sp['total_params']} weights "
@@ -441,8 +495,8 @@ def summary(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the configured stages in `workdir` and returns (and writes) the report."""
+def make_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
+  """Validates `config`, prepares `workdir`, loads the data: everything before the stages."""
   configlib.validate(config)
   workdir = prepare_workdir(workdir)
   runtime = parallel.make_runtime(config.parallel.data_axis)
@@ -465,7 +519,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("workdir %s | %s: %d train, %d validation, %d test | %d %s device(s)", workdir,
                dataset.name, len(dataset.train[1]), len(dataset.validation[1]),
                len(dataset.test[1]), runtime.num_devices, jax.default_backend())
-  records = {}
+  return ctx
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the configured stages in `workdir` and returns (and writes) the report."""
+  ctx = make_context(config, workdir)
+  workdir, records = ctx.workdir, {}
   for stage in configlib.stages(config):
     records[stage] = run_stage(ctx, stage)
     report = _report(ctx, records)

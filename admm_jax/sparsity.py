@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from admm_jax import projections
@@ -160,6 +161,23 @@ def hard_prune(params: Params, the_spec: SparsitySpec) -> tuple[Params, Params]:
   pruned = jax.tree.map(lambda m, w: w if m is None else w * m.astype(w.dtype),
                         the_masks, params, is_leaf=lambda x: x is None)
   return pruned, the_masks
+
+
+def distance_to_set(params: Params, the_spec: SparsitySpec, relative: bool = False
+                    ) -> dict[str, jax.Array]:
+  """{path: ||W - Proj(W)||_F} per pruned leaf: what hard pruning removes from W right now.
+
+  With relative=True, divided by ||W||_F (0 when W is already in its sparsity set, near 1
+  when the kept groups hold almost nothing).
+  """
+  pruned, _ = hard_prune(params, the_spec)
+  pruned_paths, out = resolve(params, the_spec), {}
+  for (path, w), p in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(pruned)):
+    name = path_str(path)
+    if name in pruned_paths:
+      d = jnp.linalg.norm((w - p).astype(jnp.float32).reshape(-1))
+      out[name] = d / jnp.linalg.norm(w.astype(jnp.float32).reshape(-1)) if relative else d
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

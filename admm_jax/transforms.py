@@ -141,9 +141,14 @@ def _pruned_pairs(state: ADMMState, params: Params):
   return out
 
 
-def primal_residuals(state: ADMMState, params: Params) -> dict[str, jax.Array]:
-  """{path: ||W - Z||_F} per pruned leaf: goes to 0 as ADMM converges onto the sparsity set."""
-  return {p: jnp.linalg.norm((w - z).astype(jnp.float32).reshape(-1))
+def primal_residuals(state: ADMMState, params: Params, relative: bool = False
+                     ) -> dict[str, jax.Array]:
+  """{path: ||W - Z||_F} per pruned leaf: goes to 0 as ADMM converges onto the sparsity set.
+
+  With relative=True, ||W - Z||_F / ||W||_F: comparable across layers and models.
+  """
+  norm = lambda x: jnp.linalg.norm(x.astype(jnp.float32).reshape(-1))
+  return {p: norm(w - z) / norm(w) if relative else norm(w - z)
           for p, w, z, _ in _pruned_pairs(state, params)}
 
 

@@ -65,6 +65,46 @@ def test_all_three_stages_run_and_report(finished_run):
   assert "admm_primal_residual" in lines[2]
 
 
+def _tiny_config():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("fmnist_config", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.data.limit_train, config.data.limit_test, config.checkpoint_every_steps = 1024, 256, 10
+  return config
+
+
+def test_diagnostics_equal_the_hard_pruned_and_admm_weights_evaluated_directly(finished_run):
+  """report.json's after-hard-prune accuracy is the admm output, hard-pruned, evaluated."""
+  import jax
+
+  from admm_jax import sparsity
+  workdir, report, proc = finished_run
+  ctx = pipeline.make_context(_tiny_config(), str(workdir))
+  model = ctx.model(ctx.config.model.width)
+  admm_out = pipeline.load_output(ctx, "admm", pipeline._fresh_variables(ctx, model, "pretrain"))
+  pruned, _ = sparsity.hard_prune(admm_out["params"], ctx.spec)
+  retrain = report["stages"]["retrain"]
+  for split in ("validation", "test"):
+    direct = ctx.evaluate(model, pruned, admm_out["batch_stats"], split,
+                          ctx.key(split, "retrain", "start"))
+    prefix = "after_hard_prune_val" if split == "validation" else "after_hard_prune_test"
+    for kind in ("natural", "adversarial"):
+      assert retrain[f"{prefix}_{kind}_accuracy"] == pytest.approx(direct[f"{kind}_accuracy"],
+                                                                    abs=1e-6)
+  assert retrain["val_adversarial_accuracy"] is not None
+  diag = report["stages"]["admm"]["admm"]
+  dist = jax.device_get(sparsity.distance_to_set(admm_out["params"], ctx.spec, relative=True))
+  assert set(diag["relative_distance_to_sparse_set"]) == set(dist) == set(
+      diag["relative_primal_residual"])
+  for layer, value in dist.items():
+    assert diag["relative_distance_to_sparse_set"][layer] == pytest.approx(float(value), abs=2e-6)
+    assert 0 <= diag["relative_primal_residual"][layer] < 2
+  assert diag["rho"] > ctx.config.admm.rho  # grew at the Z/U update
+  assert "right after hard pruning" in proc.stdout and "ADMM end" in proc.stdout
+
+
 def test_rerun_skips_finished_stages(finished_run):
   workdir, report, _ = finished_run
   proc = _run(workdir)

@@ -92,3 +92,18 @@ def test_path_strings_ignore_nnx_value_attribute():
   paths = []
   jax.tree_util.tree_map_with_path(lambda p, _: paths.append(sparsity.path_str(p)), tree)
   assert paths == ["conv1/kernel/0"]
+
+
+def test_distance_to_set_is_what_hard_pruning_removes(params):
+  the_spec = sparsity.spec({"Conv_1/kernel": ("filter", 0.5), "Dense_0/kernel": ("irregular", 0.75)})
+  pruned, _ = sparsity.hard_prune(params, the_spec)
+  dist = sparsity.distance_to_set(params, the_spec)
+  rel = sparsity.distance_to_set(params, the_spec, relative=True)
+  for path, (w, p) in {"Conv_1/kernel": (params["Conv_1"]["kernel"], pruned["Conv_1"]["kernel"]),
+                       "Dense_0/kernel": (params["Dense_0"]["kernel"],
+                                          pruned["Dense_0"]["kernel"])}.items():
+    np.testing.assert_allclose(dist[path], np.linalg.norm(np.asarray(w - p)), rtol=1e-5)
+    np.testing.assert_allclose(rel[path], dist[path] / np.linalg.norm(np.asarray(w)), rtol=1e-5)
+  assert set(dist) == {"Conv_1/kernel", "Dense_0/kernel"}
+  # A point already in the set is at distance 0.
+  assert all(float(v) == 0.0 for v in sparsity.distance_to_set(pruned, the_spec).values())

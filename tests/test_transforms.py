@@ -112,6 +112,9 @@ def test_primal_residual_and_penalty():
                              np.linalg.norm(w - _np_project(w, "filter", 0.5)), rtol=1e-5)
   expected = 0.05 * sum(float(r) ** 2 for r in res.values())  # U = 0: 0.5 rho ||W - Z||^2
   np.testing.assert_allclose(transforms.admm_penalty(state, params), expected, rtol=1e-5)
+  rel = transforms.primal_residuals(state, params, relative=True)
+  np.testing.assert_allclose(rel["conv/kernel"], res["conv/kernel"] / np.linalg.norm(w), rtol=1e-5)
+  assert 0 < float(rel["dense/kernel"]) < 1  # removing 75 % of the weights by magnitude
   chain_state = optax.chain(transforms.admm(SPEC, rho=0.1, update_every=5), optax.sgd(0.1)).init(params)
   assert isinstance(transforms.find_admm_state(chain_state), transforms.ADMMState)
 
