@@ -36,6 +36,7 @@ def _stage(epochs: int, optimizer: str, lr: float, schedule: str = "constant",
       weight_decay=0.0,         # sgd: coupled L2; adamw: decoupled
       schedule=schedule,        # constant | cosine | steps (x0.1 at lr_drop_epochs) | admm
       lr_drop_epochs=(),        # for schedule=steps
+      warmup_epochs=0.0,        # linear ramp of the lr from 0 over this many epochs (fractions ok)
   ))
   stage.update(extra)
   return stage
@@ -211,6 +212,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _number(config, f"{s}.weight_decay", 0.0, 1.0)
     if stage.schedule not in SCHEDULES or (stage.schedule == "admm" and s != "admm"):
       _fail(f"{s}.schedule", stage.schedule, "use constant, cosine or steps (admm: also admm)")
+    _number(config, f"{s}.warmup_epochs", 0.0, float(max(stage.epochs, 1)))
     if any(not isinstance(e, int) or e < 1 for e in stage.lr_drop_epochs):
       _fail(f"{s}.lr_drop_epochs", stage.lr_drop_epochs, "use a tuple of epochs >= 1")
   _number(config, "admm.rho", 0.0, 1e6, lo_open=True)

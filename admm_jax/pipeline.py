@@ -38,6 +38,8 @@ SELECTS_BEST = ("pretrain", "retrain", "scratch")
 # Stages whose starting point is evaluated on validation before the first step (retrain: the
 # accuracy right after hard pruning, which shows what the projection of W cost).
 MEASURES_START = ("retrain",)
+# ADMM counts as converged when every pruned layer has ||W - Z|| / ||W|| below this.
+CONVERGED_RESIDUAL = 0.1
 
 
 class WorkdirError(RuntimeError):
@@ -100,7 +102,18 @@ class MetricsLog:
 
 def lr_schedule(stage_cfg: ml_collections.ConfigDict, steps_per_epoch: int,
                 update_every: int = 0) -> optax.Schedule:
-  """The stage's learning-rate schedule, in optimizer steps."""
+  """The stage's learning-rate schedule, in optimizer steps, with its linear warmup."""
+  base = _base_schedule(stage_cfg, steps_per_epoch, update_every)
+  warmup = round(stage_cfg.warmup_epochs * steps_per_epoch)
+  if warmup < 1:
+    return base
+  # A ramp multiplying the schedule (not joined before it), so that drops and cosine keep
+  # their positions in the stage; step 0 already moves (lr / warmup).
+  return lambda count: base(count) * jnp.minimum(1.0, (count + 1) / warmup)
+
+
+def _base_schedule(stage_cfg: ml_collections.ConfigDict, steps_per_epoch: int,
+                   update_every: int) -> optax.Schedule:
   lr, total = stage_cfg.lr, max(stage_cfg.epochs * steps_per_epoch, 1)
   if stage_cfg.schedule == "cosine":
     return optax.cosine_decay_schedule(lr, total)
@@ -396,6 +409,7 @@ def _admm_diagnostics(admm_state: transforms.ADMMState, params: Any,
   rel = jax.device_get(transforms.primal_residuals(admm_state, params, relative=True))
   dist = jax.device_get(sparsity.distance_to_set(params, spec, relative=True))
   return {"rho": float(admm_state.rho),
+          "converged": bool(max(rel.values()) < CONVERGED_RESIDUAL),
           "relative_primal_residual": {k: round(float(v), 6) for k, v in rel.items()},
           "relative_distance_to_sparse_set": {k: round(float(v), 6) for k, v in dist.items()}}
 
@@ -425,7 +439,13 @@ def _finish_stage(ctx: Context, stage: str, model, carry: dict, out_dir: str, do
     record.update(_accuracy_fields("after_hard_prune_test", jax.device_get(carry["start_test"])))
   admm_state = transforms.find_admm_state(state.opt_state)
   if admm_state is not None:
-    record["admm"] = _admm_diagnostics(admm_state, state.params, ctx.spec)
+    record["admm"] = diag = _admm_diagnostics(admm_state, state.params, ctx.spec)
+    if not diag["converged"]:
+      layer, value = max(diag["relative_primal_residual"].items(), key=lambda kv: kv[1])
+      logging.warning("%s: ADMM has not converged (||W-Z||/||W|| = %.3f at %s, threshold %.2f): "
+                      "hard pruning will cost accuracy that retrain must win back; raise "
+                      "admm.rho or admm.rho_growth, or update Z/U more often "
+                      "(admm.update_every_epochs).", stage, value, layer, CONVERGED_RESIDUAL)
   if ctx.spec is not None and stage in ("admm", "retrain"):
     rep = sparsity.report(jax.device_get(params), ctx.spec)
     record["sparsity"] = rep.to_dict()
@@ -483,7 +503,7 @@ def summary(report: dict[str, Any]) -> str:
     if rec.get("admm"):
       worst = max(rec["admm"]["relative_primal_residual"].items(), key=lambda kv: kv[1])
       lines.append(f"            ADMM end: rho {rec['admm']['rho']:.3g}, largest ||W-Z||/||W|| "
-                   f"{worst[1]:.3f} ({worst[0]}){'' if worst[1] < 0.1 else ': not converged'}")
+                   f"{worst[1]:.3f} ({worst[0]}){'' if rec['admm']['converged'] else ': not converged'}")
     if rec.get("after_hard_prune_val_adversarial_accuracy") is not None:
       lines.append(f"            right after hard pruning: val natural "
                    f"{rec['after_hard_prune_val_natural_accuracy']:.4f}  adversarial "

@@ -3,6 +3,8 @@ import importlib.util
 import os
 
 import jax
+import numpy as np
+import optax
 import pytest
 
 from admm_jax import configlib, models, sparsity
@@ -44,3 +46,20 @@ def test_parse_sparsity_forms():
       "a/kernel": ("filter", 0.5), "b.*/kernel": ("2:4", None)}
   with pytest.raises(configlib.ConfigError, match="not a number"):
     configlib.parse_sparsity("a/kernel=filter:x")
+
+
+def test_warmup_ramps_the_stage_schedule_linearly_then_leaves_it_alone():
+  from admm_jax import pipeline
+  stage = configlib.base_config().retrain
+  stage.update(lr=0.1, schedule="cosine", epochs=2, warmup_epochs=0.5)
+  sched = pipeline.lr_schedule(stage, steps_per_epoch=10)
+  cosine = optax.cosine_decay_schedule(0.1, 20)
+  for count in range(20):
+    ramp = min(1.0, (count + 1) / 5)
+    np.testing.assert_allclose(float(sched(count)), ramp * float(cosine(count)), rtol=1e-6)
+  stage.warmup_epochs = 0.0
+  assert float(pipeline.lr_schedule(stage, steps_per_epoch=10)(0)) == pytest.approx(0.1)
+  with pytest.raises(configlib.ConfigError, match="retrain.warmup_epochs"):
+    config = configlib.base_config()
+    config.retrain.warmup_epochs = 3.0
+    configlib.validate(config)
