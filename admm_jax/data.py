@@ -1,37 +1,42 @@
-"""Datasets as numpy arrays, and deterministic, resumable host batches.
+"""Datasets as lazy grain MapDatasets, and deterministic, resumable host batches.
 
-Sources: MNIST-format IDX files in a local folder (mnist, fashion_mnist) or
-`tfds.data_source` (mnist, fashion_mnist, cifar10). `tfds.load` is never used: it
-needs TensorFlow, which this project does not install.
+Sources are random-access and read one example at a time, never materialised:
+MNIST-format IDX files in a local folder (mnist, fashion_mnist; held in memory as the
+uint8 arrays the files decode to), or `tfds.data_source` for any TFDS image
+classification dataset with `image` and `label` features (array_record files read
+lazily). `tfds.load` is never used: it needs TensorFlow, which this project does not
+install. Every split is a `grain.MapDataset` of examples {"image": uint8 (H, W, C),
+"label": int32}; hold-out, subsets, shuffling, augmentation, process sharding and
+batching are grain transformations of it, so memory does not grow with the dataset.
 
-Every random choice here is a pure function of plain integers, so a run resumed at
+Every random choice is a pure function of plain integers, so a run resumed at
 (epoch, batch) sees exactly the batches an uninterrupted run would have seen:
 
   - validation hold-out and `limit_train`: seed
   - the order of an epoch: (seed, epoch)
-  - CIFAR crop/flip of a batch: (seed, epoch, batch index)
+  - CIFAR crop/flip of an example: (seed, epoch, its position in the epoch)
 
-Generators are seeded with `np.random.default_rng([stream, ...])` with a distinct,
-nonzero stream tag first and a fixed length per purpose, because numpy's
-SeedSequence pads entropy with zeros: `[a, b]` and `[a, b, 0]` give the same stream.
+grain takes 32-bit seeds; each is drawn from `np.random.SeedSequence([stream, ...])`
+with a distinct, nonzero stream tag first and a fixed length per purpose, because
+SeedSequence pads entropy with zeros: `[a, b]` and `[a, b, 0]` give the same state.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import gzip
 import os
-import queue
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
+import grain
 import numpy as np
 
 SUPPORTED_LOCAL = ("mnist", "fashion_mnist")
-SUPPORTED_TFDS = ("mnist", "fashion_mnist", "cifar10")
-NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10}
-IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+_IDX_NUM_CLASSES = 10
 
 # The four files of an MNIST-format folder, by split; each may also end in ".gz".
 IDX_FILES = {
@@ -39,7 +44,7 @@ IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
-# Stream tags for np.random.default_rng([tag, ...]); see the module docstring.
+# Stream tags for the seeds; see the module docstring.
 _STREAM_SHUFFLE = 1
 _STREAM_AUGMENT = 2
 _STREAM_SPLIT = 3
@@ -51,10 +56,16 @@ _PROBE_HOST = ("storage.googleapis.com", 443)
 _PROBE_TIMEOUT_S = 5.0
 
 Split = tuple[np.ndarray, np.ndarray]
+Example = dict[str, np.ndarray]
 
 
 class DataError(ValueError):
   """A dataset cannot be found, read or batched as asked; the message says the fix."""
+
+
+def _seed32(*ints: int) -> int:
+  """A grain seed (0 <= s < 2**32) that depends only on `ints`."""
+  return int(np.random.SeedSequence(list(ints)).generate_state(1)[0])
 
 
 # --------------------------------------------------------------------------- IDX
@@ -150,9 +161,9 @@ def load_local(name: str, data_dir: str | os.PathLike[str]) -> dict[str, Split]:
       raise DataError(f"IDX files {paths[image_stem]!r} {images.shape} and "
                       f"{paths[label_stem]!r} {labels.shape} do not form one split: "
                       "expected (N, H, W) images and (N,) labels.")
-    if labels.size and labels.max() >= NUM_CLASSES[name]:
+    if labels.size and labels.max() >= _IDX_NUM_CLASSES:
       raise DataError(f"IDX file {paths[label_stem]!r} has label {labels.max()}, outside "
-                      f"0..{NUM_CLASSES[name] - 1}.")
+                      f"0..{_IDX_NUM_CLASSES - 1}.")
     splits[split] = (images[..., None], labels.astype(np.int32))
   return splits
 
@@ -198,47 +209,129 @@ def _short(e: BaseException) -> str:
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _source_to_arrays(source: Any, name: str) -> Split:
-  """Copies a TFDS random-access source into (uint8 images, int32 labels)."""
-  n = len(source)
-  shape = IMAGE_SHAPES[name]
-  images = np.empty((n, *shape), np.uint8)
-  labels = np.empty((n,), np.int32)
-  # One record at a time: `__getitems__` is broken under tfds.testing.mock_data.
-  for i in range(n):
-    record = source[i]
-    images[i] = record["image"]
-    labels[i] = record["label"]
-  return images, labels
+class Source(NamedTuple):
+  """A dataset as found: its two splits as lazy examples, and its number of classes."""
+  train: grain.MapDataset   # examples {"image": uint8 (H, W, C), "label": int32}
+  test: grain.MapDataset
+  num_classes: int
+
+
+class _ArrayExamples:
+  """Random-access examples over (images, labels) arrays held in memory."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self._images, self._labels = images, labels
+
+  def __len__(self) -> int:
+    return len(self._labels)
+
+  def __getitem__(self, index: int) -> Example:
+    return {"image": self._images[index], "label": self._labels[index]}
+
+  def __repr__(self) -> str:
+    return f"_ArrayExamples({self._images.shape}, {self._images.dtype})"
+
+
+def from_arrays(images: np.ndarray, labels: np.ndarray) -> grain.MapDataset:
+  """Wraps arrays as a random-access grain dataset of examples.
+
+  Args:
+    images: (N, H, W, C), uint8 in [0, 255] (any dtype is passed through).
+    labels: int (N,).
+
+  Returns:
+    A MapDataset whose element i is {"image": images[i], "label": int32 labels[i]}.
+
+  Raises:
+    DataError: shapes that do not form one split.
+  """
+  images, labels = np.asarray(images), np.asarray(labels)
+  if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
+    raise DataError(f"images {images.shape} and labels {labels.shape} must be (N, H, W, C) "
+                    "and (N,) with the same N.")
+  return grain.MapDataset.source(_ArrayExamples(images, labels.astype(np.int32)))
+
+
+class _TfdsExamples:
+  """Random-access examples of a `tfds.data_source`, decoded one record at a time.
+
+  Only `__len__` and `__getitem__`, so grain never calls the source's batched read
+  (`__getitems__` is broken under tfds.testing.mock_data).
+  """
+
+  def __init__(self, source: Any):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> Example:
+    record = self._source[index]
+    return {"image": np.asarray(record["image"]), "label": np.int32(record["label"])}
+
+  def __repr__(self) -> str:
+    return f"_TfdsExamples({self._source!r})"
+
+
+def _check_tfds_name(tfds: Any, name: str) -> None:
+  """Fails in a sentence when TFDS has no dataset called `name` (no network needed)."""
+  base = name.split(":")[0].split("/")[0]
+  try:
+    tfds.builder_cls(base)
+  except tfds.core.registered.DatasetNotFoundError:
+    names = sorted(set(tfds.list_builders(with_community_datasets=False)))
+    close = difflib.get_close_matches(base, names, n=3)
+    hint = f" (close: {', '.join(close)})" if close else ""
+    raise DataError(f"data.name {name!r} is neither a local IDX dataset {SUPPORTED_LOCAL} nor "
+                    f"a TFDS dataset{hint}: use a name from tfds.list_builders().") from None
+
+
+def _check_image_classification(name: str, features: Any) -> int:
+  """Number of classes of a TFDS dataset with fixed-size uint8 `image` and a `label`."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  keys = sorted(features.keys())
+  if ("image" not in keys or "label" not in keys
+      or not isinstance(features["label"], tfds.features.ClassLabel)):
+    raise DataError(f"TFDS dataset {name!r} is not an image classification dataset: admm_jax "
+                    f"needs an 'image' and a ClassLabel 'label' feature, it has {keys}.")
+  image = features["image"]
+  shape, dtype = tuple(image.shape), np.dtype(image.np_dtype)
+  if len(shape) != 3 or None in shape or dtype != np.uint8:
+    raise DataError(f"TFDS dataset {name!r} has {dtype} images of shape {shape}: admm_jax "
+                    "batches fixed-size uint8 (H, W, C) images only.")
+  return int(features["label"].num_classes)
 
 
 def load_tfds(name: str, data_dir: str | os.PathLike[str] | None = None, *,
-              download: bool = True) -> dict[str, Split]:
-  """Loads a dataset through `tfds.data_source` (no TensorFlow needed).
+              download: bool = True) -> Source:
+  """Opens a TFDS image classification dataset through `tfds.data_source` (no TensorFlow).
 
-  Already prepared array_record data in `data_dir` is read without any network.
-  Otherwise, when `download` is true, a short probe checks that the network is
-  reachable before TFDS downloads (offline, TFDS itself would retry for minutes).
+  Nothing is read here but the dataset's metadata: the splits are grain datasets over
+  the array_record files, decoded one example at a time when indexed. Already prepared
+  data in `data_dir` is read without any network. Otherwise, when `download` is true,
+  a short probe checks that the network is reachable before TFDS downloads (offline,
+  TFDS itself would retry for minutes).
 
   Args:
-    name: "mnist", "fashion_mnist" or "cifar10".
+    name: any TFDS dataset with a fixed-size uint8 `image` feature and a ClassLabel
+      `label` feature, e.g. "mnist", "cifar10", "cifar100", "svhn_cropped".
     data_dir: TFDS data folder; None means TFDS's default (TFDS_DATA_DIR or
       ~/tensorflow_datasets).
     download: allow TFDS to download and prepare the data when it is missing.
 
   Returns:
-    {"train": (images, labels), "test": (images, labels)}: images uint8 (N, H, W, C),
-    labels int32 (N,). Under `tfds.testing.mock_data` both splits hold the same
+    A Source: train and test examples {"image": uint8 (H, W, C), "label": int32} and
+    the number of classes. Under `tfds.testing.mock_data` both splits hold the same
     random examples (the mock ignores split names and slicing).
 
   Raises:
-    DataError: unknown name, or TFDS cannot get the data (offline, not prepared,
-      a missing package); the message names the dataset and the ways out.
+    DataError: unknown name, not an image classification dataset, or TFDS cannot get
+      the data (offline, not prepared, a missing package); the message names the
+      dataset and the ways out.
   """
-  if name not in SUPPORTED_TFDS:
-    raise DataError(f"data.name {name!r} is not supported: use one of {SUPPORTED_TFDS}.")
   import tensorflow_datasets as tfds  # lazy: ~0.5 s, and only this path needs it
 
+  _check_tfds_name(tfds, name)
   data_dir = None if data_dir in (None, "") else os.fspath(data_dir)
   splits = ("train", "test")
 
@@ -270,7 +363,9 @@ def load_tfds(name: str, data_dir: str | os.PathLike[str] | None = None, *,
                       "copy of the data.") from e
     except Exception as e:
       raise _tfds_error(name, f"download failed: {_short(e)}") from e
-  return {s: _source_to_arrays(src, name) for s, src in zip(splits, found)}
+  num_classes = _check_image_classification(name, found[0].dataset_info.features)
+  train, test = (grain.MapDataset.source(_TfdsExamples(s)) for s in found)
+  return Source(train, test, num_classes)
 
 
 # ----------------------------------------------------------------------- Dataset
@@ -278,36 +373,52 @@ def load_tfds(name: str, data_dir: str | os.PathLike[str] | None = None, *,
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """Arrays of one dataset, split three ways.
+  """One dataset, split three ways, as lazy grain datasets of examples.
 
   Attributes:
     name: dataset name, e.g. "fashion_mnist".
-    train, validation, test: (images uint8 (N, H, W, C), labels int32 (N,)).
+    train, validation, test: grain.MapDataset of {"image": uint8 (H, W, C),
+      "label": int32}; `len()` is the number of examples, `[i]` reads example i.
     num_classes: number of labels.
     image_shape: (H, W, C).
   """
   name: str
-  train: Split
-  validation: Split
-  test: Split
+  train: grain.MapDataset
+  validation: grain.MapDataset
+  test: grain.MapDataset
   num_classes: int
   image_shape: tuple[int, int, int]
 
+  def arrays(self, split: str) -> Split:
+    """Reads a whole split into (uint8 images (N, H, W, C), int32 labels (N,)).
 
-def _take(split: Split, idx: np.ndarray) -> Split:
-  return split[0][idx], split[1][idx]
+    This materialises the split: meant for tests and small data, not for training.
+    """
+    examples = getattr(self, split)
+    images = np.zeros((len(examples), *self.image_shape), np.uint8)
+    labels = np.zeros((len(examples),), np.int32)
+    for i in range(len(examples)):
+      example = examples[i]
+      images[i], labels[i] = example["image"], example["label"]
+    return images, labels
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None, validation_size: int,
                  seed: int, *, limit_train: int = 0, limit_test: int = 0,
                  tfds_data_dir: str | None = None, download: bool = True) -> Dataset:
-  """Loads a dataset and holds out a validation split from its training set.
+  """Opens a dataset and holds out a validation split from its training set.
+
+  The hold-out and the subsets are index selections (grain shuffles and slices) over
+  the source: no example is read here except the first, for the image shape.
 
   Args:
-    name: "mnist", "fashion_mnist" or "cifar10".
+    name: "mnist" or "fashion_mnist" with `data_dir`; any TFDS image classification
+      dataset (see `load_tfds`) without.
     data_dir: local IDX folder (mnist / fashion_mnist); empty or None uses TFDS.
     validation_size: examples moved from train to validation (0 = none).
-    seed: fixes which examples are held out (and the `limit_train` subset).
+    seed: fixes which examples are held out (and the `limit_train` subset): the
+      first `validation_size` of a seeded permutation of the training split are
+      the validation split, the rest (or the next `limit_train`) the training split.
     limit_train: keep only this many training examples (0 = all), a random subset
       drawn from what remains after the hold-out; handy for tiny runs.
     limit_test: keep only this many test examples (0 = all), a fixed random subset
@@ -317,14 +428,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None, validation_
     download: allow TFDS to download when the data is not prepared.
 
   Returns:
-    A Dataset. Each split keeps the source order of its examples (subsets are
-    sorted), so the only shuffling is the per-epoch one in `epoch_batches`.
+    A Dataset. The order of each split is fixed by `seed` (the test split's by
+    nothing); training batches shuffle it again per epoch in `epoch_batches`.
 
   Raises:
-    DataError: bad sizes, or the data cannot be loaded.
+    DataError: bad sizes, or the data cannot be opened.
   """
-  if name not in SUPPORTED_TFDS:
-    raise DataError(f"data.name {name!r} is not supported: use one of {SUPPORTED_TFDS}.")
   for field, value in (("validation_size", validation_size), ("limit_train", limit_train),
                        ("limit_test", limit_test), ("seed", seed)):
     if not isinstance(value, (int, np.integer)) or value < 0:
@@ -334,26 +443,27 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None, validation_
       raise DataError(f"data.dir={os.fspath(data_dir)!r} holds IDX files, which exist only for "
                       f"{SUPPORTED_LOCAL}: set data.dir='' to load {name!r} from TFDS.")
     splits = load_local(name, data_dir)
+    source = Source(from_arrays(*splits["train"]), from_arrays(*splits["test"]),
+                    _IDX_NUM_CLASSES)
   else:
-    splits = load_tfds(name, tfds_data_dir, download=download)
+    source = load_tfds(name, tfds_data_dir, download=download)
 
-  train, test = splits["train"], splits["test"]
-  n_train = len(train[1])
+  n_train = len(source.train)
   if validation_size >= n_train:
     raise DataError(f"data.validation_size={validation_size} leaves no training examples: "
                     f"{name!r} has {n_train}; use a smaller value.")
-  perm = np.random.default_rng([_STREAM_SPLIT, seed]).permutation(n_train)
-  val_idx = np.sort(perm[:validation_size])
-  train_idx = perm[validation_size:]
+  held_out = source.train.shuffle(seed=_seed32(_STREAM_SPLIT, seed))
+  validation, train = held_out[:validation_size], held_out[validation_size:]
   if limit_train:
-    train_idx = train_idx[:limit_train]
-  train_idx = np.sort(train_idx)
-  if limit_test and limit_test < len(test[1]):
-    test_perm = np.random.default_rng([_STREAM_LIMIT_TEST, 0]).permutation(len(test[1]))
-    test = _take(test, np.sort(test_perm[:limit_test]))
-  return Dataset(name=name, train=_take(train, train_idx), validation=_take(train, val_idx),
-                 test=test, num_classes=NUM_CLASSES[name],
-                 image_shape=tuple(int(d) for d in train[0].shape[1:]))
+    train = train[:limit_train]
+  test = source.test
+  if limit_test and limit_test < len(test):
+    test = test.shuffle(seed=_seed32(_STREAM_LIMIT_TEST, 0))[:limit_test]
+  image_shape = tuple(int(d) for d in np.shape(source.train[0]["image"]))
+  if len(image_shape) != 3:
+    raise DataError(f"dataset {name!r} has images of shape {image_shape}; expected (H, W, C).")
+  return Dataset(name=name, train=train, validation=validation, test=test,
+                 num_classes=source.num_classes, image_shape=image_shape)
 
 
 # ---------------------------------------------------------------------- batching
@@ -368,69 +478,60 @@ def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = T
   return -(-num_examples // batch_size)
 
 
-def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  """The example order of one epoch: a permutation that depends only on (seed, epoch)."""
-  return np.random.default_rng([_STREAM_SHUFFLE, seed, epoch]).permutation(num_examples)
-
-
-def crop_flip_params(rng: np.random.Generator, n: int, padding: int = 4
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Draws per-example crop offsets (dy, dx in [0, 2*padding]) and flip flags."""
-  offsets = rng.integers(0, 2 * padding + 1, size=(2, n))
-  flips = rng.random(n) < 0.5
-  return offsets[0], offsets[1], flips
-
-
-def apply_crop_flip(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, flips: np.ndarray,
-                    padding: int = 4) -> np.ndarray:
-  """Zero-pads by `padding`, crops back to (H, W) at (dy, dx), flips left-right where set.
-
-  Vectorized over the batch with one gather. images: (B, H, W, C), any dtype.
-  """
-  b, h, w, _ = images.shape
-  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  rows = dy[:, None] + np.arange(h)                                  # (B, H)
-  # A flip is a crop read right-to-left, so it folds into the column index.
-  cols_fwd = np.arange(w)
-  cols = dx[:, None] + np.where(flips[:, None], cols_fwd[::-1], cols_fwd)   # (B, W)
-  return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
-
-
-def random_crop_flip(images: np.ndarray, rng: np.random.Generator,
+def random_crop_flip(image: np.ndarray, rng: np.random.Generator,
                      padding: int = 4) -> np.ndarray:
-  """CIFAR augmentation: random crop with `padding` zero pixels + random h-flip.
+  """CIFAR augmentation of one image: random crop with `padding` zero pixels + random h-flip.
 
   Args:
-    images: (B, H, W, C) batch.
-    rng: numpy Generator; the result is a pure function of its state.
+    image: (H, W, C), any dtype.
+    rng: numpy Generator; the result is a pure function of its state. Draws the
+      crop offsets (dy, dx in [0, 2 * padding]) first, then the flip.
     padding: zero border width; crops keep the input size (32 for CIFAR).
 
   Returns:
-    Augmented batch with the shape and dtype of `images`.
+    The augmented image, with the shape and dtype of `image`.
   """
-  dy, dx, flips = crop_flip_params(rng, len(images), padding)
-  return apply_crop_flip(images, dy, dx, flips, padding)
+  h, w = image.shape[:2]
+  dy, dx = rng.integers(0, 2 * padding + 1, size=2)
+  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  crop = padded[dy:dy + h, dx:dx + w]
+  return crop[:, ::-1] if rng.random() < 0.5 else crop
 
 
 AUGMENTATIONS = ("cifar",)
 
 
-def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
-                  epoch: int, shuffle: bool = True, drop_remainder: bool = True,
+def _augment_cifar(example: Example, rng: np.random.Generator) -> Example:
+  return dict(example, image=random_crop_flip(example["image"], rng))
+
+
+def _real(example: Example) -> Example:
+  return dict(example, mask=np.True_)
+
+
+def _to_float(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return dict(batch, image=batch["image"].astype(np.float32) / np.float32(255.0),
+              label=batch["label"].astype(np.int32))
+
+
+def epoch_batches(examples: grain.MapDataset, batch_size: int, *, seed: int, epoch: int,
+                  shuffle: bool = True, drop_remainder: bool = True,
                   augment: str | None = None, start_batch: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Yields the batches of one epoch, resumable at any batch.
+                  process_count: int = 1) -> grain.MapDataset:
+  """The batches of one epoch from `start_batch` on, as a lazy, random-access grain dataset.
 
-  The order is `epoch_order(n, seed, epoch)` (or source order when `shuffle` is
-  false) and augmentation randomness depends only on (seed, epoch, batch index),
-  so `start_batch=k` yields exactly the batches k, k+1, ... of the full epoch.
+  Element k is batch `start_batch + k` of the epoch, a pure function of (seed, epoch,
+  its index): the order is a grain shuffle seeded by (seed, epoch) (or the split's
+  own order when `shuffle` is false) and the crop/flip of an example is a grain
+  random map seeded by (seed, epoch) and the example's position in the epoch. So a
+  resumed run (`start_batch=k`) reads exactly the batches k, k+1, ... of the full
+  epoch. Iterate it with `prefetch`; nothing is read until then.
 
-  Multi-host: `batch_size` is the GLOBAL batch. Every process computes the same
-  global order and yields only its contiguous slice
-  [process_index * b_local, (process_index + 1) * b_local) of each global batch,
-  with b_local = batch_size // process_count. Augmentation is drawn for the whole
-  global batch and then sliced, so the union over processes equals the
-  single-process batch.
+  Multi-host: `batch_size` is the GLOBAL batch. Every process sees the same global
+  order and reads only its contiguous slice [process_index * b_local,
+  (process_index + 1) * b_local) of each global batch, b_local = batch_size //
+  process_count; augmentation depends on the position in the epoch, not on the
+  process, so the processes' slices, concatenated, are the one-process batch.
 
   Eval (`drop_remainder=False`): the last global batch is padded to `batch_size`
   with zero images and label 0, and every batch gets a boolean "mask" key (True
@@ -438,29 +539,27 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, se
   leave padding out of its counts: `sum(correct * mask) / sum(mask)`.
 
   Args:
-    images: uint8 (N, H, W, C) in [0, 255].
-    labels: int (N,).
+    examples: grain.MapDataset of {"image": uint8 (H, W, C) in [0, 255], "label":
+      int}, e.g. a split of `load_dataset` or `from_arrays(images, labels)`.
     batch_size: global batch size.
     seed, epoch: non-negative ints fixing the order and augmentation.
     shuffle: permute the examples (off for eval).
     drop_remainder: drop the last partial batch (training) or pad it with a mask.
     augment: None / "" / "none" for no augmentation, or "cifar" (random crop with
       4-pixel zero padding + horizontal flip).
-    start_batch: first batch to yield, in 0..steps_per_epoch (the latter yields nothing).
+    start_batch: first batch, in 0..steps_per_epoch (the latter gives no batches).
     process_index, process_count: this process and the number of processes.
 
-  Yields:
-    {"image": float32 (b_local, H, W, C) in [0, 1], "label": int32 (b_local,)}
-    plus "mask": bool (b_local,) when `drop_remainder` is false.
+  Returns:
+    A grain.MapDataset of {"image": float32 (b_local, H, W, C) in [0, 1], "label":
+    int32 (b_local,)} plus "mask": bool (b_local,) when `drop_remainder` is false.
 
   Raises:
-    DataError: inconsistent arguments (checked before the first batch).
+    DataError: inconsistent arguments.
   """
-  images = np.asarray(images)
-  labels = np.asarray(labels)
-  if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
-    raise DataError(f"images {images.shape} and labels {labels.shape} must be (N, H, W, C) "
-                    "and (N,) with the same N.")
+  if not isinstance(examples, grain.MapDataset):
+    raise DataError(f"examples must be a grain.MapDataset of examples, not "
+                    f"{type(examples).__name__}: wrap arrays with data.from_arrays.")
   if batch_size <= 0:
     raise DataError(f"batch_size={batch_size} must be positive.")
   if process_count <= 0 or not 0 <= process_index < process_count:
@@ -475,146 +574,49 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, se
     augment = None
   if augment is not None and augment not in AUGMENTATIONS:
     raise DataError(f"augment={augment!r} is unknown: use None or one of {AUGMENTATIONS}.")
-  n = len(labels)
+  n = len(examples)
   steps = steps_per_epoch(n, batch_size, drop_remainder)
   if not 0 <= start_batch <= steps:
     raise DataError(f"start_batch={start_batch} is outside 0..{steps}, the batches in this "
                     f"epoch of {n} examples at batch_size={batch_size}.")
-  # Validated eagerly above; the generator below only does the work.
-  return _epoch_batches(images, labels, batch_size, seed, epoch, shuffle, drop_remainder,
-                        augment, start_batch, steps, process_index, process_count)
+
+  ds = examples.shuffle(seed=_seed32(_STREAM_SHUFFLE, seed, epoch)) if shuffle else examples
+  if drop_remainder:
+    ds = ds[:steps * batch_size]
+  else:
+    ds = ds.map(_real)
+    if steps * batch_size > n:
+      first = examples[0]
+      pad = {"image": np.zeros_like(first["image"]), "label": np.int32(0), "mask": np.False_}
+      padding = grain.MapDataset.range(steps * batch_size - n).map(lambda _: pad)
+      ds = grain.MapDataset.concatenate([ds, padding])
+  if augment == "cifar":
+    ds = ds.random_map(_augment_cifar, seed=_seed32(_STREAM_AUGMENT, seed, epoch))
+  # Local batch j * process_count + p is process p's slice of global batch j.
+  ds = ds.batch(batch_size // process_count)[process_index::process_count]
+  return ds[start_batch:].map(_to_float)
 
 
-def _epoch_batches(images, labels, batch_size, seed, epoch, shuffle, drop_remainder, augment,
-                   start_batch, steps, process_index, process_count):
-  n = len(labels)
-  order = epoch_order(n, seed, epoch) if shuffle else np.arange(n)
-  local = batch_size // process_count
-  lo, hi = process_index * local, (process_index + 1) * local
-  for step in range(start_batch, steps):
-    idx = order[step * batch_size:(step + 1) * batch_size]
-    if len(idx) < batch_size:  # only when padding the last eval batch
-      idx = np.concatenate([idx, np.full(batch_size - len(idx), -1, idx.dtype)])
-    local_idx = idx[lo:hi]
-    valid = local_idx >= 0
-    safe = np.where(valid, local_idx, 0)
-    x = images[safe]
-    y = labels[safe].astype(np.int32)
-    if not valid.all():
-      x[~valid] = 0
-      y[~valid] = 0
-    if augment == "cifar":
-      rng = np.random.default_rng([_STREAM_AUGMENT, seed, epoch, step])
-      dy, dx, flips = crop_flip_params(rng, batch_size)   # drawn for the global batch
-      x = apply_crop_flip(x, dy[lo:hi], dx[lo:hi], flips[lo:hi])
-    batch = {"image": x.astype(np.float32) / np.float32(255.0), "label": y}
-    if not drop_remainder:
-      batch["mask"] = valid
-    yield batch
+@contextlib.contextmanager
+def prefetch(batches: grain.MapDataset, size: int = 2) -> Iterator[grain.DatasetIterator]:
+  """Iterates `batches` in order while grain's reader threads prepare `size` ahead.
 
-
-# --------------------------------------------------------------------- prefetch
-
-_ITEM, _END, _ERROR = "item", "end", "error"
-
-
-def _offer(q: queue.Queue, stop: threading.Event, entry: tuple[str, Any]) -> bool:
-  """Puts `entry` unless stopped; timed puts let close() free a producer on a full queue."""
-  while not stop.is_set():
-    try:
-      q.put(entry, timeout=0.05)
-      return True
-    except queue.Full:
-      pass
-  return False
-
-
-def _produce(iterator: Iterator[Any], put: Callable[[Any], Any] | None, q: queue.Queue,
-             stop: threading.Event) -> None:
-  # A plain function, not a method: the thread must not keep the Prefetcher alive,
-  # so that dropping the last reference stops it (see Prefetcher.__del__).
-  try:
-    for item in iterator:
-      if put is not None:
-        item = put(item)
-      if not _offer(q, stop, (_ITEM, item)):
-        return
-    _offer(q, stop, (_END, None))
-  except BaseException as e:  # pylint: disable=broad-except  # handed to the consumer
-    _offer(q, stop, (_ERROR, e))
-
-
-class Prefetcher(Iterator[Any]):
-  """Iterator that produces items in a background thread into a bounded queue.
-
-  Use `prefetch(...)` to make one. Exceptions raised by the producer are re-raised
-  by `next()` in the consumer. `close()` (or leaving a `with` block, or dropping
-  the last reference) stops the producer after its current item; it is a daemon
-  thread, so a forgotten prefetcher never blocks interpreter exit.
-  """
-
-  def __init__(self, iterator: Iterable[Any], size: int, put: Callable[[Any], Any] | None):
-    if size < 1:
-      raise ValueError(f"prefetch size={size} must be at least 1.")
-    self._queue: queue.Queue = queue.Queue(maxsize=size)
-    self._stop = threading.Event()
-    self._done = False
-    self._thread = threading.Thread(target=_produce,
-                                    args=(iter(iterator), put, self._queue, self._stop),
-                                    daemon=True, name="prefetch")
-    self._thread.start()
-
-  def __iter__(self) -> Prefetcher:
-    return self
-
-  def __next__(self) -> Any:
-    if self._done:
-      raise StopIteration
-    kind, value = self._queue.get()
-    if kind == _ITEM:
-      return value
-    self._done = True
-    self._thread.join()
-    if kind == _ERROR:
-      raise value
-    raise StopIteration
-
-  def close(self, timeout: float | None = 5.0) -> None:
-    """Stops the producer and waits up to `timeout` s for its current item to finish."""
-    self._done = True
-    self._stop.set()
-    self._thread.join(timeout)
-
-  @property
-  def alive(self) -> bool:
-    """Whether the producer thread is still running."""
-    return self._thread.is_alive()
-
-  def __enter__(self) -> Prefetcher:
-    return self
-
-  def __exit__(self, *exc_info: Any) -> None:
-    self.close()
-
-  def __del__(self) -> None:
-    stop = getattr(self, "_stop", None)  # absent if __init__ failed
-    if stop is not None:
-      stop.set()
-
-
-def prefetch(iterator: Iterable[Any], size: int = 2,
-             put: Callable[[Any], Any] | None = None) -> Prefetcher:
-  """Runs `iterator` ahead in a background thread, keeping up to `size` items ready.
+  Usage: `with prefetch(epoch_batches(...), size=3) as it: for batch in it: ...`.
+  Leaving the block stops the readers, also when it is left early.
 
   Args:
-    iterator: any iterable, e.g. `epoch_batches(...)`; it is consumed only by the
-      background thread from now on.
-    size: queue bound (items produced but not yet taken).
-    put: optional function applied to each item in the thread, e.g.
-      `jax.device_put` or a sharding-aware placement, so transfers overlap compute.
+    batches: a grain.MapDataset, e.g. `epoch_batches(...)`.
+    size: batches read ahead (and reader threads).
 
-  Returns:
-    A `Prefetcher`: iterate it like the original; `close()` it (or use `with`) when
-    stopping early.
+  Yields:
+    A grain iterator over the elements of `batches`, in order; exceptions raised
+    while reading come out of its `next()`.
   """
-  return Prefetcher(iterator, size, put)
+  if size < 1:
+    raise ValueError(f"prefetch size={size} must be at least 1.")
+  iterator = iter(batches.to_iter_dataset(
+      grain.ReadOptions(num_threads=size, prefetch_buffer_size=size)))
+  try:
+    yield iterator
+  finally:
+    iterator.close()
