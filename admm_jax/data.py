@@ -1,20 +1,23 @@
-"""Datasets as lazy grain MapDatasets, and deterministic, resumable host batches.
+"""Datasets as random-access sources, and deterministic, resumable host batches from grain.
 
-Sources are random-access and read one example at a time, never materialised:
-MNIST-format IDX files in a local folder (mnist, fashion_mnist; held in memory as the
-uint8 arrays the files decode to), or `tfds.data_source` for any TFDS image
-classification dataset with `image` and `label` features (array_record files read
-lazily). `tfds.load` is never used: it needs TensorFlow, which this project does not
-install. Every split is a `grain.MapDataset` of examples {"image": uint8 (H, W, C),
-"label": int32}; hold-out, subsets, shuffling, augmentation, process sharding and
-batching are grain transformations of it, so memory does not grow with the dataset.
+Sources are read on demand, never materialised: MNIST-format IDX files in a local
+folder (mnist, fashion_mnist; held as the uint8 arrays they decode to), or
+`tfds.data_source` for any TFDS image classification dataset with `image` and `label`
+features (array_record files, one example decoded per read). `tfds.load` is never
+used: it needs TensorFlow, which this project does not install.
+
+A split is `Examples`: a source and a lazy grain dataset of positions in it. The
+hold-out, the subsets, the per-epoch shuffle, the process slices and the batching
+are grain transformations of those positions; a batch of positions is then read
+from the source in one step (a gather for arrays) and augmented as a grain random
+map. Memory does not grow with the dataset: nothing of size N is ever built.
 
 Every random choice is a pure function of plain integers, so a run resumed at
 (epoch, batch) sees exactly the batches an uninterrupted run would have seen:
 
   - validation hold-out and `limit_train`: seed
   - the order of an epoch: (seed, epoch)
-  - CIFAR crop/flip of an example: (seed, epoch, its position in the epoch)
+  - CIFAR crop/flip of a batch: (seed, epoch, batch index)
 
 grain takes 32-bit seeds; each is drawn from `np.random.SeedSequence([stream, ...])`
 with a distinct, nonzero stream tag first and a fixed length per purpose, because
@@ -25,12 +28,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import gzip
 import os
 import socket
 import threading
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import grain
 import numpy as np
@@ -168,6 +172,80 @@ def load_local(name: str, data_dir: str | os.PathLike[str]) -> dict[str, Split]:
   return splits
 
 
+# ----------------------------------------------------------------------- sources
+#
+# A source is random access in grain's sense (`len`, `[i]` -> example) and also reads
+# a batch of positions at once, `read(positions) -> (images, labels)`, so that batches
+# are gathered in one step instead of one grain element per example.
+
+
+class ArraySource:
+  """Examples held in memory as arrays (the decoded IDX files, or any arrays).
+
+  Attributes:
+    image_shape: (H, W, C).
+    num_classes: labels are in 0..num_classes-1.
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int):
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
+      raise DataError(f"images {images.shape} and labels {labels.shape} must be (N, H, W, C) "
+                      "and (N,) with the same N.")
+    self._images, self._labels = images, labels.astype(np.int32)
+    self.image_shape = tuple(int(d) for d in images.shape[1:])
+    self.num_classes = num_classes
+
+  def __len__(self) -> int:
+    return len(self._labels)
+
+  def __getitem__(self, index: int) -> Example:
+    return {"image": self._images[index], "label": self._labels[index]}
+
+  def read(self, positions: np.ndarray) -> Split:
+    """(images (B, H, W, C), int32 labels (B,)) at `positions`, fresh arrays."""
+    return self._images[positions], self._labels[positions]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Examples:
+  """The examples of one split: which positions of a source belong to it, in which order.
+
+  The positions are a lazy grain dataset of ints (a seeded shuffle and a slice of a
+  range, say), so selecting a subset of a huge source costs no memory.
+
+  Attributes:
+    source: an ArraySource or TfdsSource.
+    positions: grain.MapDataset of ints, positions in `source`.
+  """
+  source: ArraySource | TfdsSource
+  positions: grain.MapDataset
+
+  def __len__(self) -> int:
+    return len(self.positions)
+
+  def __getitem__(self, index: int) -> Example:
+    """Example `index` of the split: {"image": uint8 (H, W, C), "label": int32}."""
+    return self.source[self.positions[index]]
+
+  def arrays(self) -> Split:
+    """Reads the whole split into (uint8 images (N, H, W, C), int32 labels (N,)).
+
+    This materialises the split: for tests and small data, not for training.
+    """
+    return self.source.read(np.array([self.positions[i] for i in range(len(self))], np.int64))
+
+
+def from_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int = 0) -> Examples:
+  """All examples of (images (N, H, W, C) uint8, labels (N,)) arrays, in order.
+
+  Raises:
+    DataError: shapes that do not form one split.
+  """
+  source = ArraySource(images, labels, num_classes or int(np.max(labels, initial=-1)) + 1)
+  return Examples(source, grain.MapDataset.range(len(source)))
+
+
 # -------------------------------------------------------------------------- TFDS
 
 
@@ -209,68 +287,35 @@ def _short(e: BaseException) -> str:
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-class Source(NamedTuple):
-  """A dataset as found: its two splits as lazy examples, and its number of classes."""
-  train: grain.MapDataset   # examples {"image": uint8 (H, W, C), "label": int32}
-  test: grain.MapDataset
-  num_classes: int
+class TfdsSource:
+  """Examples of a `tfds.data_source`, decoded one record at a time when read.
 
+  One at a time, also in `read`: the source's batched `__getitems__` is broken under
+  tfds.testing.mock_data.
 
-class _ArrayExamples:
-  """Random-access examples over (images, labels) arrays held in memory."""
-
-  def __init__(self, images: np.ndarray, labels: np.ndarray):
-    self._images, self._labels = images, labels
-
-  def __len__(self) -> int:
-    return len(self._labels)
-
-  def __getitem__(self, index: int) -> Example:
-    return {"image": self._images[index], "label": self._labels[index]}
-
-  def __repr__(self) -> str:
-    return f"_ArrayExamples({self._images.shape}, {self._images.dtype})"
-
-
-def from_arrays(images: np.ndarray, labels: np.ndarray) -> grain.MapDataset:
-  """Wraps arrays as a random-access grain dataset of examples.
-
-  Args:
-    images: (N, H, W, C), uint8 in [0, 255] (any dtype is passed through).
-    labels: int (N,).
-
-  Returns:
-    A MapDataset whose element i is {"image": images[i], "label": int32 labels[i]}.
-
-  Raises:
-    DataError: shapes that do not form one split.
-  """
-  images, labels = np.asarray(images), np.asarray(labels)
-  if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
-    raise DataError(f"images {images.shape} and labels {labels.shape} must be (N, H, W, C) "
-                    "and (N,) with the same N.")
-  return grain.MapDataset.source(_ArrayExamples(images, labels.astype(np.int32)))
-
-
-class _TfdsExamples:
-  """Random-access examples of a `tfds.data_source`, decoded one record at a time.
-
-  Only `__len__` and `__getitem__`, so grain never calls the source's batched read
-  (`__getitems__` is broken under tfds.testing.mock_data).
+  Attributes:
+    image_shape: (H, W, C), from the dataset's info.
+    num_classes: from the dataset's info.
   """
 
-  def __init__(self, source: Any):
-    self._source = source
+  def __init__(self, source: Any, image_shape: tuple[int, int, int], num_classes: int):
+    self._source, self.image_shape, self.num_classes = source, image_shape, num_classes
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> Example:
-    record = self._source[index]
+    record = self._source[int(index)]
     return {"image": np.asarray(record["image"]), "label": np.int32(record["label"])}
 
-  def __repr__(self) -> str:
-    return f"_TfdsExamples({self._source!r})"
+  def read(self, positions: np.ndarray) -> Split:
+    """(uint8 images (B, H, W, C), int32 labels (B,)) at `positions`."""
+    images = np.empty((len(positions), *self.image_shape), np.uint8)
+    labels = np.empty((len(positions),), np.int32)
+    for i, position in enumerate(positions):
+      example = self[position]
+      images[i], labels[i] = example["image"], example["label"]
+    return images, labels
 
 
 def _check_tfds_name(tfds: Any, name: str) -> None:
@@ -286,9 +331,9 @@ def _check_tfds_name(tfds: Any, name: str) -> None:
                     f"a TFDS dataset{hint}: use a name from tfds.list_builders().") from None
 
 
-def _check_image_classification(name: str, features: Any) -> int:
-  """Number of classes of a TFDS dataset with fixed-size uint8 `image` and a `label`."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+def _check_image_classification(tfds: Any, name: str, features: Any
+                                ) -> tuple[tuple[int, int, int], int]:
+  """(image shape, number of classes) of a TFDS dataset with fixed-size uint8 images."""
   keys = sorted(features.keys())
   if ("image" not in keys or "label" not in keys
       or not isinstance(features["label"], tfds.features.ClassLabel)):
@@ -299,18 +344,18 @@ def _check_image_classification(name: str, features: Any) -> int:
   if len(shape) != 3 or None in shape or dtype != np.uint8:
     raise DataError(f"TFDS dataset {name!r} has {dtype} images of shape {shape}: admm_jax "
                     "batches fixed-size uint8 (H, W, C) images only.")
-  return int(features["label"].num_classes)
+  return tuple(int(d) for d in shape), int(features["label"].num_classes)
 
 
 def load_tfds(name: str, data_dir: str | os.PathLike[str] | None = None, *,
-              download: bool = True) -> Source:
+              download: bool = True) -> dict[str, TfdsSource]:
   """Opens a TFDS image classification dataset through `tfds.data_source` (no TensorFlow).
 
-  Nothing is read here but the dataset's metadata: the splits are grain datasets over
-  the array_record files, decoded one example at a time when indexed. Already prepared
-  data in `data_dir` is read without any network. Otherwise, when `download` is true,
-  a short probe checks that the network is reachable before TFDS downloads (offline,
-  TFDS itself would retry for minutes).
+  Nothing is read here but the dataset's metadata: the sources read the array_record
+  files one example at a time when indexed. Already prepared data in `data_dir` is
+  read without any network. Otherwise, when `download` is true, a short probe checks
+  that the network is reachable before TFDS downloads (offline, TFDS itself would
+  retry for minutes).
 
   Args:
     name: any TFDS dataset with a fixed-size uint8 `image` feature and a ClassLabel
@@ -320,9 +365,9 @@ def load_tfds(name: str, data_dir: str | os.PathLike[str] | None = None, *,
     download: allow TFDS to download and prepare the data when it is missing.
 
   Returns:
-    A Source: train and test examples {"image": uint8 (H, W, C), "label": int32} and
-    the number of classes. Under `tfds.testing.mock_data` both splits hold the same
-    random examples (the mock ignores split names and slicing).
+    {"train": TfdsSource, "test": TfdsSource}, with `image_shape` and `num_classes`
+    from the dataset's info. Under `tfds.testing.mock_data` both splits hold the
+    same random examples (the mock ignores split names and slicing).
 
   Raises:
     DataError: unknown name, not an image classification dataset, or TFDS cannot get
@@ -363,9 +408,9 @@ def load_tfds(name: str, data_dir: str | os.PathLike[str] | None = None, *,
                       "copy of the data.") from e
     except Exception as e:
       raise _tfds_error(name, f"download failed: {_short(e)}") from e
-  num_classes = _check_image_classification(name, found[0].dataset_info.features)
-  train, test = (grain.MapDataset.source(_TfdsExamples(s)) for s in found)
-  return Source(train, test, num_classes)
+  image_shape, num_classes = _check_image_classification(tfds, name,
+                                                         found[0].dataset_info.features)
+  return {s: TfdsSource(src, image_shape, num_classes) for s, src in zip(splits, found)}
 
 
 # ----------------------------------------------------------------------- Dataset
@@ -373,34 +418,20 @@ def load_tfds(name: str, data_dir: str | os.PathLike[str] | None = None, *,
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """One dataset, split three ways, as lazy grain datasets of examples.
+  """One dataset, split three ways.
 
   Attributes:
     name: dataset name, e.g. "fashion_mnist".
-    train, validation, test: grain.MapDataset of {"image": uint8 (H, W, C),
-      "label": int32}; `len()` is the number of examples, `[i]` reads example i.
+    train, validation, test: Examples; `len()` counts them, `[i]` reads example i.
     num_classes: number of labels.
     image_shape: (H, W, C).
   """
   name: str
-  train: grain.MapDataset
-  validation: grain.MapDataset
-  test: grain.MapDataset
+  train: Examples
+  validation: Examples
+  test: Examples
   num_classes: int
   image_shape: tuple[int, int, int]
-
-  def arrays(self, split: str) -> Split:
-    """Reads a whole split into (uint8 images (N, H, W, C), int32 labels (N,)).
-
-    This materialises the split: meant for tests and small data, not for training.
-    """
-    examples = getattr(self, split)
-    images = np.zeros((len(examples), *self.image_shape), np.uint8)
-    labels = np.zeros((len(examples),), np.int32)
-    for i in range(len(examples)):
-      example = examples[i]
-      images[i], labels[i] = example["image"], example["label"]
-    return images, labels
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None, validation_size: int,
@@ -408,8 +439,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None, validation_
                  tfds_data_dir: str | None = None, download: bool = True) -> Dataset:
   """Opens a dataset and holds out a validation split from its training set.
 
-  The hold-out and the subsets are index selections (grain shuffles and slices) over
-  the source: no example is read here except the first, for the image shape.
+  The hold-out and the subsets are index selections over the source (grain shuffles
+  and slices of a range of positions): no example is read here.
 
   Args:
     name: "mnist" or "fashion_mnist" with `data_dir`; any TFDS image classification
@@ -417,7 +448,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None, validation_
     data_dir: local IDX folder (mnist / fashion_mnist); empty or None uses TFDS.
     validation_size: examples moved from train to validation (0 = none).
     seed: fixes which examples are held out (and the `limit_train` subset): the
-      first `validation_size` of a seeded permutation of the training split are
+      first `validation_size` positions of a permutation seeded by `seed` alone are
       the validation split, the rest (or the next `limit_train`) the training split.
     limit_train: keep only this many training examples (0 = all), a random subset
       drawn from what remains after the hold-out; handy for tiny runs.
@@ -442,28 +473,27 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None, validation_
     if name not in SUPPORTED_LOCAL:
       raise DataError(f"data.dir={os.fspath(data_dir)!r} holds IDX files, which exist only for "
                       f"{SUPPORTED_LOCAL}: set data.dir='' to load {name!r} from TFDS.")
-    splits = load_local(name, data_dir)
-    source = Source(from_arrays(*splits["train"]), from_arrays(*splits["test"]),
-                    _IDX_NUM_CLASSES)
+    sources = {split: ArraySource(*arrays, _IDX_NUM_CLASSES)
+               for split, arrays in load_local(name, data_dir).items()}
   else:
-    source = load_tfds(name, tfds_data_dir, download=download)
+    sources = load_tfds(name, tfds_data_dir, download=download)
 
-  n_train = len(source.train)
+  train_source, test_source = sources["train"], sources["test"]
+  n_train, n_test = len(train_source), len(test_source)
   if validation_size >= n_train:
     raise DataError(f"data.validation_size={validation_size} leaves no training examples: "
                     f"{name!r} has {n_train}; use a smaller value.")
-  held_out = source.train.shuffle(seed=_seed32(_STREAM_SPLIT, seed))
-  validation, train = held_out[:validation_size], held_out[validation_size:]
+  held_out = grain.MapDataset.range(n_train).shuffle(seed=_seed32(_STREAM_SPLIT, seed))
+  train = held_out[validation_size:]
   if limit_train:
     train = train[:limit_train]
-  test = source.test
-  if limit_test and limit_test < len(test):
+  test = grain.MapDataset.range(n_test)
+  if limit_test and limit_test < n_test:
     test = test.shuffle(seed=_seed32(_STREAM_LIMIT_TEST, 0))[:limit_test]
-  image_shape = tuple(int(d) for d in np.shape(source.train[0]["image"]))
-  if len(image_shape) != 3:
-    raise DataError(f"dataset {name!r} has images of shape {image_shape}; expected (H, W, C).")
-  return Dataset(name=name, train=train, validation=validation, test=test,
-                 num_classes=source.num_classes, image_shape=image_shape)
+  return Dataset(name=name, train=Examples(train_source, train),
+                 validation=Examples(train_source, held_out[:validation_size]),
+                 test=Examples(test_source, test), num_classes=train_source.num_classes,
+                 image_shape=train_source.image_shape)
 
 
 # ---------------------------------------------------------------------- batching
@@ -478,60 +508,84 @@ def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = T
   return -(-num_examples // batch_size)
 
 
-def random_crop_flip(image: np.ndarray, rng: np.random.Generator,
+def crop_flip_params(rng: np.random.Generator, n: int, padding: int = 4
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Draws per-example crop offsets (dy, dx in [0, 2*padding]) and flip flags."""
+  offsets = rng.integers(0, 2 * padding + 1, size=(2, n))
+  flips = rng.random(n) < 0.5
+  return offsets[0], offsets[1], flips
+
+
+def apply_crop_flip(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, flips: np.ndarray,
+                    padding: int = 4) -> np.ndarray:
+  """Zero-pads by `padding`, crops back to (H, W) at (dy, dx), flips left-right where set.
+
+  Vectorized over the batch with one gather. images: (B, H, W, C), any dtype.
+  """
+  b, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  rows = dy[:, None] + np.arange(h)                                  # (B, H)
+  # A flip is a crop read right-to-left, so it folds into the column index.
+  cols_fwd = np.arange(w)
+  cols = dx[:, None] + np.where(flips[:, None], cols_fwd[::-1], cols_fwd)   # (B, W)
+  return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def random_crop_flip(images: np.ndarray, rng: np.random.Generator,
                      padding: int = 4) -> np.ndarray:
-  """CIFAR augmentation of one image: random crop with `padding` zero pixels + random h-flip.
+  """CIFAR augmentation: random crop with `padding` zero pixels + random h-flip.
 
   Args:
-    image: (H, W, C), any dtype.
-    rng: numpy Generator; the result is a pure function of its state. Draws the
-      crop offsets (dy, dx in [0, 2 * padding]) first, then the flip.
+    images: (B, H, W, C) batch.
+    rng: numpy Generator; the result is a pure function of its state.
     padding: zero border width; crops keep the input size (32 for CIFAR).
 
   Returns:
-    The augmented image, with the shape and dtype of `image`.
+    Augmented batch with the shape and dtype of `images`.
   """
-  h, w = image.shape[:2]
-  dy, dx = rng.integers(0, 2 * padding + 1, size=2)
-  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-  crop = padded[dy:dy + h, dx:dx + w]
-  return crop[:, ::-1] if rng.random() < 0.5 else crop
+  dy, dx, flips = crop_flip_params(rng, len(images), padding)
+  return apply_crop_flip(images, dy, dx, flips, padding)
 
 
 AUGMENTATIONS = ("cifar",)
 
 
-def _augment_cifar(example: Example, rng: np.random.Generator) -> Example:
-  return dict(example, image=random_crop_flip(example["image"], rng))
+def _read_batch(positions: np.ndarray, rng: np.random.Generator | None = None, *,
+                source: ArraySource | TfdsSource, lo: int, hi: int,
+                with_mask: bool) -> dict[str, np.ndarray]:
+  """This process's slice [lo, hi) of a global batch of source positions (-1 = padding)."""
+  local = positions[lo:hi]
+  valid = local >= 0
+  images, labels = source.read(np.where(valid, local, 0))
+  if not valid.all():
+    images[~valid], labels[~valid] = 0, 0
+  if rng is not None:  # drawn for the global batch, so any process count sees the same
+    dy, dx, flips = crop_flip_params(rng, len(positions))
+    images = apply_crop_flip(images, dy[lo:hi], dx[lo:hi], flips[lo:hi])
+  batch = {"image": images.astype(np.float32) / np.float32(255.0), "label": labels}
+  if with_mask:
+    batch["mask"] = valid
+  return batch
 
 
-def _real(example: Example) -> Example:
-  return dict(example, mask=np.True_)
-
-
-def _to_float(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return dict(batch, image=batch["image"].astype(np.float32) / np.float32(255.0),
-              label=batch["label"].astype(np.int32))
-
-
-def epoch_batches(examples: grain.MapDataset, batch_size: int, *, seed: int, epoch: int,
+def epoch_batches(examples: Examples, batch_size: int, *, seed: int, epoch: int,
                   shuffle: bool = True, drop_remainder: bool = True,
                   augment: str | None = None, start_batch: int = 0, process_index: int = 0,
                   process_count: int = 1) -> grain.MapDataset:
   """The batches of one epoch from `start_batch` on, as a lazy, random-access grain dataset.
 
   Element k is batch `start_batch + k` of the epoch, a pure function of (seed, epoch,
-  its index): the order is a grain shuffle seeded by (seed, epoch) (or the split's
-  own order when `shuffle` is false) and the crop/flip of an example is a grain
-  random map seeded by (seed, epoch) and the example's position in the epoch. So a
+  its index): the order is a grain shuffle of the split's positions seeded by (seed,
+  epoch) (or the split's own order when `shuffle` is false), and the crop/flip of a
+  batch is a grain random map seeded by (seed, epoch) and the batch index. So a
   resumed run (`start_batch=k`) reads exactly the batches k, k+1, ... of the full
   epoch. Iterate it with `prefetch`; nothing is read until then.
 
-  Multi-host: `batch_size` is the GLOBAL batch. Every process sees the same global
-  order and reads only its contiguous slice [process_index * b_local,
-  (process_index + 1) * b_local) of each global batch, b_local = batch_size //
-  process_count; augmentation depends on the position in the epoch, not on the
-  process, so the processes' slices, concatenated, are the one-process batch.
+  Multi-host: `batch_size` is the GLOBAL batch. Every process computes the same
+  global batch of positions and reads only its contiguous slice
+  [process_index * b_local, (process_index + 1) * b_local), b_local = batch_size //
+  process_count. Augmentation is drawn for the whole global batch and then sliced,
+  so the processes' slices, concatenated, are the one-process batch.
 
   Eval (`drop_remainder=False`): the last global batch is padded to `batch_size`
   with zero images and label 0, and every batch gets a boolean "mask" key (True
@@ -539,8 +593,7 @@ def epoch_batches(examples: grain.MapDataset, batch_size: int, *, seed: int, epo
   leave padding out of its counts: `sum(correct * mask) / sum(mask)`.
 
   Args:
-    examples: grain.MapDataset of {"image": uint8 (H, W, C) in [0, 255], "label":
-      int}, e.g. a split of `load_dataset` or `from_arrays(images, labels)`.
+    examples: a split of `load_dataset`, or `from_arrays(images, labels)`.
     batch_size: global batch size.
     seed, epoch: non-negative ints fixing the order and augmentation.
     shuffle: permute the examples (off for eval).
@@ -557,9 +610,9 @@ def epoch_batches(examples: grain.MapDataset, batch_size: int, *, seed: int, epo
   Raises:
     DataError: inconsistent arguments.
   """
-  if not isinstance(examples, grain.MapDataset):
-    raise DataError(f"examples must be a grain.MapDataset of examples, not "
-                    f"{type(examples).__name__}: wrap arrays with data.from_arrays.")
+  if not isinstance(examples, Examples):
+    raise DataError(f"examples must be data.Examples, not {type(examples).__name__}: wrap "
+                    "arrays with data.from_arrays(images, labels).")
   if batch_size <= 0:
     raise DataError(f"batch_size={batch_size} must be positive.")
   if process_count <= 0 or not 0 <= process_index < process_count:
@@ -580,21 +633,22 @@ def epoch_batches(examples: grain.MapDataset, batch_size: int, *, seed: int, epo
     raise DataError(f"start_batch={start_batch} is outside 0..{steps}, the batches in this "
                     f"epoch of {n} examples at batch_size={batch_size}.")
 
-  ds = examples.shuffle(seed=_seed32(_STREAM_SHUFFLE, seed, epoch)) if shuffle else examples
-  if drop_remainder:
-    ds = ds[:steps * batch_size]
-  else:
-    ds = ds.map(_real)
-    if steps * batch_size > n:
-      first = examples[0]
-      pad = {"image": np.zeros_like(first["image"]), "label": np.int32(0), "mask": np.False_}
-      padding = grain.MapDataset.range(steps * batch_size - n).map(lambda _: pad)
-      ds = grain.MapDataset.concatenate([ds, padding])
+  positions = examples.positions
+  if shuffle:
+    positions = positions.shuffle(seed=_seed32(_STREAM_SHUFFLE, seed, epoch))
+  positions = positions[:steps * batch_size]
+  if steps * batch_size > n:  # pad the last eval batch with position -1
+    padding = grain.MapDataset.range(steps * batch_size - n).map(lambda _: -1)
+    positions = grain.MapDataset.concatenate([positions, padding])
+  local = batch_size // process_count
+  read = functools.partial(_read_batch, source=examples.source, lo=process_index * local,
+                           hi=(process_index + 1) * local, with_mask=not drop_remainder)
+  global_batches = positions.batch(batch_size)
   if augment == "cifar":
-    ds = ds.random_map(_augment_cifar, seed=_seed32(_STREAM_AUGMENT, seed, epoch))
-  # Local batch j * process_count + p is process p's slice of global batch j.
-  ds = ds.batch(batch_size // process_count)[process_index::process_count]
-  return ds[start_batch:].map(_to_float)
+    batches = global_batches.random_map(read, seed=_seed32(_STREAM_AUGMENT, seed, epoch))
+  else:
+    batches = global_batches.map(read)
+  return batches[start_batch:]
 
 
 @contextlib.contextmanager

@@ -170,11 +170,11 @@ def test_load_dataset_local_split_is_deterministic_and_disjoint(tmp_path):
   a = data.load_dataset("mnist", str(tmp_path), validation_size=20, seed=3)
   b = data.load_dataset("mnist", str(tmp_path), validation_size=20, seed=3)
   c = data.load_dataset("mnist", str(tmp_path), validation_size=20, seed=4)
-  np.testing.assert_array_equal(a.arrays("validation")[0], b.arrays("validation")[0])
-  np.testing.assert_array_equal(a.arrays("train")[1], b.arrays("train")[1])
-  assert not np.array_equal(a.arrays("validation")[0], c.arrays("validation")[0])
+  np.testing.assert_array_equal(a.validation.arrays()[0], b.validation.arrays()[0])
+  np.testing.assert_array_equal(a.train.arrays()[1], b.train.arrays()[1])
+  assert not np.array_equal(a.validation.arrays()[0], c.validation.arrays()[0])
   assert len(a.train) == 80 and len(a.validation) == 20
-  train, val = a.arrays("train")[0], a.arrays("validation")[0]
+  train, val = a.train.arrays()[0], a.validation.arrays()[0]
   assert not _rows(train) & _rows(val)
   assert _rows(train) | _rows(val) == _rows(arrays["train-images-idx3-ubyte"][..., None])
 
@@ -183,23 +183,23 @@ def test_held_out_examples_depend_on_the_seed_only(tmp_path):
   _write_mnist_dir(tmp_path, n_train=100, n_test=30)
   load = lambda **kw: data.load_dataset("mnist", str(tmp_path), validation_size=20, seed=3, **kw)
   full, limited = load(), load(limit_train=16, limit_test=8)
-  np.testing.assert_array_equal(full.arrays("validation")[0], limited.arrays("validation")[0])
-  assert _rows(limited.arrays("train")[0]) <= _rows(full.arrays("train")[0])
+  np.testing.assert_array_equal(full.validation.arrays()[0], limited.validation.arrays()[0])
+  assert _rows(limited.train.arrays()[0]) <= _rows(full.train.arrays()[0])
 
 
 def test_load_dataset_zero_validation_and_limits(tmp_path):
   _write_mnist_dir(tmp_path, n_train=100, n_test=30)
   ds = data.load_dataset("mnist", str(tmp_path), validation_size=0, seed=0,
                          limit_train=16, limit_test=8)
-  assert len(ds.validation) == 0 and ds.arrays("validation")[0].shape == (0, 28, 28, 1)
-  assert len(ds.train) == 16 and ds.arrays("test")[0].shape == (8, 28, 28, 1)
+  assert len(ds.validation) == 0 and ds.validation.arrays()[0].shape == (0, 28, 28, 1)
+  assert len(ds.train) == 16 and ds.test.arrays()[0].shape == (8, 28, 28, 1)
   again = data.load_dataset("mnist", str(tmp_path), validation_size=0, seed=0,
                             limit_train=16, limit_test=8)
-  np.testing.assert_array_equal(ds.arrays("train")[0], again.arrays("train")[0])
+  np.testing.assert_array_equal(ds.train.arrays()[0], again.train.arrays()[0])
   other_seed = data.load_dataset("mnist", str(tmp_path), validation_size=0, seed=1,
                                  limit_train=16, limit_test=8)
-  np.testing.assert_array_equal(ds.arrays("test")[0],
-                                other_seed.arrays("test")[0])  # seed-independent test subset
+  # The test subset does not depend on the seed.
+  np.testing.assert_array_equal(ds.test.arrays()[0], other_seed.test.arrays()[0])
 
 
 def test_load_dataset_rejects_bad_sizes(tmp_path):
@@ -223,24 +223,28 @@ TFDS_IMAGE_DATASETS = [("mnist", (28, 28, 1), 10), ("cifar10", (32, 32, 3), 10),
 @pytest.mark.parametrize("name,shape,classes", TFDS_IMAGE_DATASETS)
 def test_load_tfds_under_mock(tmp_path, name, shape, classes):
   with tfds.testing.mock_data(num_examples=40):
-    source = data.load_tfds(name, tmp_path)
-  assert source.num_classes == classes
-  for split in (source.train, source.test):
-    assert len(split) == 40
+    sources = data.load_tfds(name, tmp_path)
+  assert set(sources) == {"train", "test"}
+  for split in sources.values():
+    assert len(split) == 40 and split.num_classes == classes and split.image_shape == shape
     example = split[7]
     assert set(example) == {"image", "label"}
     assert example["image"].shape == shape and example["image"].dtype == np.uint8
     assert example["label"].dtype == np.int32 and 0 <= example["label"] < classes
+    images, labels = split.read(np.array([7, 3, 7]))
+    np.testing.assert_array_equal(images[0], example["image"])
+    np.testing.assert_array_equal(images[2], images[0])
+    assert images.shape == (3, *shape) and labels.dtype == np.int32
 
 
 @pytest.mark.parametrize("name,shape,classes", TFDS_IMAGE_DATASETS)
 def test_any_tfds_image_dataset_holds_out_validation_and_batches(tmp_path, name, shape, classes):
   with tfds.testing.mock_data(num_examples=64):
-    full = data.load_tfds(name, tmp_path).train
+    full = data.load_tfds(name, tmp_path)["train"]
     ds = data.load_dataset(name, "", validation_size=16, seed=0, tfds_data_dir=str(tmp_path))
   assert len(ds.train) == 48 and len(ds.validation) == 16 and len(ds.test) == 64
   assert ds.image_shape == shape and ds.num_classes == classes
-  train, val = ds.arrays("train")[0], ds.arrays("validation")[0]
+  train, val = ds.train.arrays()[0], ds.validation.arrays()[0]
   assert not _rows(train) & _rows(val)
   assert _rows(train) | _rows(val) == _rows([full[i]["image"] for i in range(64)])
   batches = data.epoch_batches(ds.train, 16, seed=0, epoch=0,
@@ -506,39 +510,42 @@ def test_cifar_augmentation_shape_range_determinism_and_effect():
   assert not np.array_equal(a[0]["image"], run(1)[0]["image"])
 
 
-def test_crop_flip_matches_reference_and_covers_offsets_and_flips():
-  images = np.random.default_rng(0).integers(0, 256, (200, 7, 9, 2), dtype=np.uint8)
-  seen_offsets, seen_flips = set(), set()
-  for i, image in enumerate(images):
-    got = data.random_crop_flip(image, np.random.default_rng(i), padding=3)
-    rng = np.random.default_rng(i)
-    dy, dx = rng.integers(0, 7, size=2)
-    flip = rng.random() < 0.5
-    want = np.pad(image, ((3, 3), (3, 3), (0, 0)))[dy:dy + 7, dx:dx + 9]
-    np.testing.assert_array_equal(got, want[:, ::-1] if flip else want)
-    assert got.shape == image.shape and got.dtype == image.dtype
-    seen_offsets.update((int(dy), int(dx)))
-    seen_flips.add(bool(flip))
-  assert seen_offsets == set(range(7)) and seen_flips == {True, False}
+def test_crop_flip_matches_per_example_reference():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (10, 7, 9, 2), dtype=np.uint8)
+  dy, dx, flips = data.crop_flip_params(np.random.default_rng(1), 10, padding=3)
+  got = data.apply_crop_flip(images, dy, dx, flips, padding=3)
+  for i in range(10):
+    padded = np.pad(images[i], ((3, 3), (3, 3), (0, 0)))
+    want = padded[dy[i]:dy[i] + 7, dx[i]:dx[i] + 9]
+    np.testing.assert_array_equal(got[i], want[:, ::-1] if flips[i] else want)
+  assert dy.min() >= 0 and dy.max() <= 6 and flips.any() and not flips.all()
+  identity = data.apply_crop_flip(images, np.full(10, 3), np.full(10, 3), np.zeros(10, bool), 3)
+  np.testing.assert_array_equal(identity, images)
+  again = data.random_crop_flip(images, np.random.default_rng(1), padding=3)
+  np.testing.assert_array_equal(again, got)
 
 
 # -------------------------------------------------------------------- prefetch
 
 
-class _CountingExamples:
-  """A source that records which examples were read, and can fail at one of them."""
+class _CountingSource(data.ArraySource):
+  """Arrays that record which positions were read, and can fail at one of them."""
 
   def __init__(self, n, fail_at=None):
-    self.n, self.fail_at, self.read = n, fail_at, []
+    super().__init__(np.zeros((n, 2, 2, 1), np.uint8), np.arange(n), num_classes=n)
+    self.fail_at, self.read_positions = fail_at, []
 
-  def __len__(self):
-    return self.n
-
-  def __getitem__(self, index):
-    if index == self.fail_at:
+  def read(self, positions):
+    if self.fail_at in positions:
       raise RuntimeError("disk on fire")
-    self.read.append(index)
-    return {"image": np.full((2, 2, 1), index % 256, np.uint8), "label": np.int32(index)}
+    self.read_positions.extend(positions.tolist())
+    return super().read(positions)
+
+
+def _counting_examples(n, fail_at=None):
+  source = _CountingSource(n, fail_at)
+  return source, data.Examples(source, grain.MapDataset.range(n))
 
 
 def test_prefetch_yields_the_batches_in_order():
@@ -552,25 +559,24 @@ def test_prefetch_yields_the_batches_in_order():
 
 
 def test_prefetch_runs_ahead_and_stops_when_left():
-  source = _CountingExamples(64)
-  batches = data.epoch_batches(grain.MapDataset.source(source), 4, seed=0, epoch=0,
-                               shuffle=False)
+  source, examples = _counting_examples(64)
+  batches = data.epoch_batches(examples, 4, seed=0, epoch=0, shuffle=False)
   with data.prefetch(batches, size=3) as it:
     first = next(it)
     deadline = time.monotonic() + 10
-    while len(source.read) < 12 and time.monotonic() < deadline:  # 3 batches ahead
+    while len(source.read_positions) < 12 and time.monotonic() < deadline:  # 3 batches ahead
       time.sleep(0.01)
-    assert len(source.read) >= 12
+    assert len(source.read_positions) >= 12
   np.testing.assert_array_equal(first["label"], np.arange(4))
   with pytest.raises(ValueError, match="closed"):
     next(it)
   time.sleep(0.2)
-  assert len(source.read) < 64  # left early: the rest was never read
+  assert len(source.read_positions) < 64  # left early: the rest was never read
 
 
 def test_prefetch_reraises_a_read_error():
-  batches = data.epoch_batches(grain.MapDataset.source(_CountingExamples(16, fail_at=9)), 4,
-                               seed=0, epoch=0, shuffle=False)
+  _, examples = _counting_examples(16, fail_at=9)
+  batches = data.epoch_batches(examples, 4, seed=0, epoch=0, shuffle=False)
   with data.prefetch(batches, size=2) as it:
     assert next(it)["label"].tolist() == [0, 1, 2, 3]
     assert next(it)["label"].tolist() == [4, 5, 6, 7]
