@@ -221,12 +221,11 @@ class Examples:
   source: ArraySource | TfdsSource
   positions: grain.MapDataset
 
+  # No `[i]`: before grain a split was an (images, labels) tuple, and `split[1]` must
+  # not quietly mean an example now. Read with `arrays()` or `epoch_batches`.
+
   def __len__(self) -> int:
     return len(self.positions)
-
-  def __getitem__(self, index: int) -> Example:
-    """Example `index` of the split: {"image": uint8 (H, W, C), "label": int32}."""
-    return self.source[self.positions[index]]
 
   def arrays(self) -> Split:
     """Reads the whole split into (uint8 images (N, H, W, C), int32 labels (N,)).
@@ -422,7 +421,7 @@ class Dataset:
 
   Attributes:
     name: dataset name, e.g. "fashion_mnist".
-    train, validation, test: Examples; `len()` counts them, `[i]` reads example i.
+    train, validation, test: Examples; `len()` counts them.
     num_classes: number of labels.
     image_shape: (H, W, C).
   """

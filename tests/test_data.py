@@ -157,9 +157,10 @@ def test_load_dataset_real_fashion_mnist_holds_out_validation():
   assert len(ds.train) == 55000 and len(ds.validation) == 5000
   assert len(ds.test) == 10000
   assert ds.num_classes == 10 and ds.image_shape == (28, 28, 1)
-  example = ds.train[0]
-  assert example["image"].shape == (28, 28, 1) and example["image"].dtype == np.uint8
-  assert example["label"].dtype == np.int32
+  images, labels = data.Examples(ds.train.source, ds.train.positions[:3]).arrays()
+  assert images.shape == (3, 28, 28, 1) and images.dtype == np.uint8 and labels.dtype == np.int32
+  with pytest.raises(TypeError):
+    ds.train[1]  # noqa: B018  # not the old (images, labels) tuple: no quiet misreads
 
 
 # ----------------------------------------------------------------- load_dataset
