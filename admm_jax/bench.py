@@ -294,7 +294,8 @@ def input_pipeline_ex_per_s(case: Case, seconds: float = 1.0) -> float:
   augment = "cifar" if case.model != "lenet" else None
   count, t, epoch = 0, _now(), 0
   while _now() - t < seconds:
-    with data.prefetch(data.epoch_batches(images, labels, case.batch, seed=0, epoch=epoch,
+    with data.prefetch(data.epoch_batches(data.from_arrays(images, labels), case.batch,
+                                          seed=0, epoch=epoch,
                                           augment=augment), size=3) as it:
       for b in it:
         jax.block_until_ready(b["image"]) if isinstance(b["image"], jax.Array) else None

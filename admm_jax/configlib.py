@@ -18,7 +18,8 @@ from admm_jax.models.layers import CONV_IMPLS
 STAGE_ORDER = ("pretrain", "admm", "retrain", "scratch")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "steps", "admm")
-DATASETS = ("mnist", "fashion_mnist", "cifar10")
+LOCAL_DATASETS = ("mnist", "fashion_mnist")   # IDX files in data.dir; with data.dir='' any TFDS
+_TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[a-z0-9_.]+)?(:[0-9.*]+)?")  # image dataset by name
 MODELS = ("lenet", "vgg16", "resnet18")
 
 
@@ -50,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""                      # another run's workdir: inputs of stages not run here
 
   c.data = ml_collections.ConfigDict(dict(
-      name="fashion_mnist",            # mnist | fashion_mnist | cifar10
+      name="fashion_mnist",            # mnist | fashion_mnist; any TFDS image dataset if dir=''
       dir="/usr/share/datasets/fashion-mnist",  # MNIST-format IDX files; '' = TFDS
       tfds_dir="",                     # TFDS data_dir ('' = TFDS default)
       validation_size=2000,            # held out from train, for model selection
@@ -175,11 +176,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if order != sorted(order) or len(set(order)) != len(order):
     _fail("stages", config.stages, f"list each stage once, in the order {','.join(STAGE_ORDER)}")
   _positive_int(config, "seed", zero_ok=True)
-  if config.data.name not in DATASETS:
-    _fail("data.name", config.data.name, f"use one of {', '.join(DATASETS)}")
-  if config.data.dir and config.data.name == "cifar10":
+  if not isinstance(config.data.name, str) or not _TFDS_NAME.fullmatch(config.data.name):
+    _fail("data.name", config.data.name, f"use one of {', '.join(LOCAL_DATASETS)} or, with "
+          "data.dir='', a TFDS image classification dataset such as cifar10")
+  if config.data.dir and config.data.name not in LOCAL_DATASETS:
     _fail("data.dir", config.data.dir, "local IDX files exist only for mnist and fashion_mnist; "
-          "set data.dir='' to use TFDS for cifar10")
+          f"set data.dir='' to use TFDS for {config.data.name}")
   for f in ("data.validation_size", "data.limit_train", "data.limit_test"):
     _positive_int(config, f, zero_ok=True)
   if config.data.augment not in ("none", "cifar"):

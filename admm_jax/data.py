@@ -1,37 +1,46 @@
-"""Datasets as numpy arrays, and deterministic, resumable host batches.
+"""Datasets as random-access sources, and deterministic, resumable host batches from grain.
 
-Sources: MNIST-format IDX files in a local folder (mnist, fashion_mnist) or
-`tfds.data_source` (mnist, fashion_mnist, cifar10). `tfds.load` is never used: it
-needs TensorFlow, which this project does not install.
+Sources are read on demand, never materialised: MNIST-format IDX files in a local
+folder (mnist, fashion_mnist; held as the uint8 arrays they decode to), or
+`tfds.data_source` for any TFDS image classification dataset with `image` and `label`
+features (array_record files, one example decoded per read). `tfds.load` is never
+used: it needs TensorFlow, which this project does not install.
 
-Every random choice here is a pure function of plain integers, so a run resumed at
+A split is `Examples`: a source and a lazy grain dataset of positions in it. The
+hold-out, the subsets, the per-epoch shuffle, the process slices and the batching
+are grain transformations of those positions; a batch of positions is then read
+from the source in one step (a gather for arrays) and augmented as a grain random
+map. Memory does not grow with the dataset: nothing of size N is ever built.
+
+Every random choice is a pure function of plain integers, so a run resumed at
 (epoch, batch) sees exactly the batches an uninterrupted run would have seen:
 
   - validation hold-out and `limit_train`: seed
   - the order of an epoch: (seed, epoch)
   - CIFAR crop/flip of a batch: (seed, epoch, batch index)
 
-Generators are seeded with `np.random.default_rng([stream, ...])` with a distinct,
-nonzero stream tag first and a fixed length per purpose, because numpy's
-SeedSequence pads entropy with zeros: `[a, b]` and `[a, b, 0]` give the same stream.
+grain takes 32-bit seeds; each is drawn from `np.random.SeedSequence([stream, ...])`
+with a distinct, nonzero stream tag first and a fixed length per purpose, because
+SeedSequence pads entropy with zeros: `[a, b]` and `[a, b, 0]` give the same state.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import functools
 import gzip
 import os
-import queue
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
+import grain
 import numpy as np
 
 SUPPORTED_LOCAL = ("mnist", "fashion_mnist")
-SUPPORTED_TFDS = ("mnist", "fashion_mnist", "cifar10")
-NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10}
-IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+_IDX_NUM_CLASSES = 10
 
 # The four files of an MNIST-format folder, by split; each may also end in ".gz".
 IDX_FILES = {
@@ -39,7 +48,7 @@ IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
-# Stream tags for np.random.default_rng([tag, ...]); see the module docstring.
+# Stream tags for the seeds; see the module docstring.
 _STREAM_SHUFFLE = 1
 _STREAM_AUGMENT = 2
 _STREAM_SPLIT = 3
@@ -51,10 +60,16 @@ _PROBE_HOST = ("storage.googleapis.com", 443)
 _PROBE_TIMEOUT_S = 5.0
 
 Split = tuple[np.ndarray, np.ndarray]
+Example = dict[str, np.ndarray]
 
 
 class DataError(ValueError):
   """A dataset cannot be found, read or batched as asked; the message says the fix."""
+
+
+def _seed32(*ints: int) -> int:
+  """A grain seed (0 <= s < 2**32) that depends only on `ints`."""
+  return int(np.random.SeedSequence(list(ints)).generate_state(1)[0])
 
 
 # --------------------------------------------------------------------------- IDX
@@ -150,11 +165,84 @@ def load_local(name: str, data_dir: str | os.PathLike[str]) -> dict[str, Split]:
       raise DataError(f"IDX files {paths[image_stem]!r} {images.shape} and "
                       f"{paths[label_stem]!r} {labels.shape} do not form one split: "
                       "expected (N, H, W) images and (N,) labels.")
-    if labels.size and labels.max() >= NUM_CLASSES[name]:
+    if labels.size and labels.max() >= _IDX_NUM_CLASSES:
       raise DataError(f"IDX file {paths[label_stem]!r} has label {labels.max()}, outside "
-                      f"0..{NUM_CLASSES[name] - 1}.")
+                      f"0..{_IDX_NUM_CLASSES - 1}.")
     splits[split] = (images[..., None], labels.astype(np.int32))
   return splits
+
+
+# ----------------------------------------------------------------------- sources
+#
+# A source is random access in grain's sense (`len`, `[i]` -> example) and also reads
+# a batch of positions at once, `read(positions) -> (images, labels)`, so that batches
+# are gathered in one step instead of one grain element per example.
+
+
+class ArraySource:
+  """Examples held in memory as arrays (the decoded IDX files, or any arrays).
+
+  Attributes:
+    image_shape: (H, W, C).
+    num_classes: labels are in 0..num_classes-1.
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int):
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
+      raise DataError(f"images {images.shape} and labels {labels.shape} must be (N, H, W, C) "
+                      "and (N,) with the same N.")
+    self._images, self._labels = images, labels.astype(np.int32)
+    self.image_shape = tuple(int(d) for d in images.shape[1:])
+    self.num_classes = num_classes
+
+  def __len__(self) -> int:
+    return len(self._labels)
+
+  def __getitem__(self, index: int) -> Example:
+    return {"image": self._images[index], "label": self._labels[index]}
+
+  def read(self, positions: np.ndarray) -> Split:
+    """(images (B, H, W, C), int32 labels (B,)) at `positions`, fresh arrays."""
+    return self._images[positions], self._labels[positions]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Examples:
+  """The examples of one split: which positions of a source belong to it, in which order.
+
+  The positions are a lazy grain dataset of ints (a seeded shuffle and a slice of a
+  range, say), so selecting a subset of a huge source costs no memory.
+
+  Attributes:
+    source: an ArraySource or TfdsSource.
+    positions: grain.MapDataset of ints, positions in `source`.
+  """
+  source: ArraySource | TfdsSource
+  positions: grain.MapDataset
+
+  # No `[i]`: before grain a split was an (images, labels) tuple, and `split[1]` must
+  # not quietly mean an example now. Read with `arrays()` or `epoch_batches`.
+
+  def __len__(self) -> int:
+    return len(self.positions)
+
+  def arrays(self) -> Split:
+    """Reads the whole split into (uint8 images (N, H, W, C), int32 labels (N,)).
+
+    This materialises the split: for tests and small data, not for training.
+    """
+    return self.source.read(np.array([self.positions[i] for i in range(len(self))], np.int64))
+
+
+def from_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int = 0) -> Examples:
+  """All examples of (images (N, H, W, C) uint8, labels (N,)) arrays, in order.
+
+  Raises:
+    DataError: shapes that do not form one split.
+  """
+  source = ArraySource(images, labels, num_classes or int(np.max(labels, initial=-1)) + 1)
+  return Examples(source, grain.MapDataset.range(len(source)))
 
 
 # -------------------------------------------------------------------------- TFDS
@@ -198,47 +286,96 @@ def _short(e: BaseException) -> str:
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _source_to_arrays(source: Any, name: str) -> Split:
-  """Copies a TFDS random-access source into (uint8 images, int32 labels)."""
-  n = len(source)
-  shape = IMAGE_SHAPES[name]
-  images = np.empty((n, *shape), np.uint8)
-  labels = np.empty((n,), np.int32)
-  # One record at a time: `__getitems__` is broken under tfds.testing.mock_data.
-  for i in range(n):
-    record = source[i]
-    images[i] = record["image"]
-    labels[i] = record["label"]
-  return images, labels
+class TfdsSource:
+  """Examples of a `tfds.data_source`, decoded one record at a time when read.
+
+  One at a time, also in `read`: the source's batched `__getitems__` is broken under
+  tfds.testing.mock_data.
+
+  Attributes:
+    image_shape: (H, W, C), from the dataset's info.
+    num_classes: from the dataset's info.
+  """
+
+  def __init__(self, source: Any, image_shape: tuple[int, int, int], num_classes: int):
+    self._source, self.image_shape, self.num_classes = source, image_shape, num_classes
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> Example:
+    record = self._source[int(index)]
+    return {"image": np.asarray(record["image"]), "label": np.int32(record["label"])}
+
+  def read(self, positions: np.ndarray) -> Split:
+    """(uint8 images (B, H, W, C), int32 labels (B,)) at `positions`."""
+    images = np.empty((len(positions), *self.image_shape), np.uint8)
+    labels = np.empty((len(positions),), np.int32)
+    for i, position in enumerate(positions):
+      example = self[position]
+      images[i], labels[i] = example["image"], example["label"]
+    return images, labels
+
+
+def _check_tfds_name(tfds: Any, name: str) -> None:
+  """Fails in a sentence when TFDS has no dataset called `name` (no network needed)."""
+  base = name.split(":")[0].split("/")[0]
+  try:
+    tfds.builder_cls(base)
+  except tfds.core.registered.DatasetNotFoundError:
+    names = sorted(set(tfds.list_builders(with_community_datasets=False)))
+    close = difflib.get_close_matches(base, names, n=3)
+    hint = f" (close: {', '.join(close)})" if close else ""
+    raise DataError(f"data.name {name!r} is neither a local IDX dataset {SUPPORTED_LOCAL} nor "
+                    f"a TFDS dataset{hint}: use a name from tfds.list_builders().") from None
+
+
+def _check_image_classification(tfds: Any, name: str, features: Any
+                                ) -> tuple[tuple[int, int, int], int]:
+  """(image shape, number of classes) of a TFDS dataset with fixed-size uint8 images."""
+  keys = sorted(features.keys())
+  if ("image" not in keys or "label" not in keys
+      or not isinstance(features["label"], tfds.features.ClassLabel)):
+    raise DataError(f"TFDS dataset {name!r} is not an image classification dataset: admm_jax "
+                    f"needs an 'image' and a ClassLabel 'label' feature, it has {keys}.")
+  image = features["image"]
+  shape, dtype = tuple(image.shape), np.dtype(image.np_dtype)
+  if len(shape) != 3 or None in shape or dtype != np.uint8:
+    raise DataError(f"TFDS dataset {name!r} has {dtype} images of shape {shape}: admm_jax "
+                    "batches fixed-size uint8 (H, W, C) images only.")
+  return tuple(int(d) for d in shape), int(features["label"].num_classes)
 
 
 def load_tfds(name: str, data_dir: str | os.PathLike[str] | None = None, *,
-              download: bool = True) -> dict[str, Split]:
-  """Loads a dataset through `tfds.data_source` (no TensorFlow needed).
+              download: bool = True) -> dict[str, TfdsSource]:
+  """Opens a TFDS image classification dataset through `tfds.data_source` (no TensorFlow).
 
-  Already prepared array_record data in `data_dir` is read without any network.
-  Otherwise, when `download` is true, a short probe checks that the network is
-  reachable before TFDS downloads (offline, TFDS itself would retry for minutes).
+  Nothing is read here but the dataset's metadata: the sources read the array_record
+  files one example at a time when indexed. Already prepared data in `data_dir` is
+  read without any network. Otherwise, when `download` is true, a short probe checks
+  that the network is reachable before TFDS downloads (offline, TFDS itself would
+  retry for minutes).
 
   Args:
-    name: "mnist", "fashion_mnist" or "cifar10".
+    name: any TFDS dataset with a fixed-size uint8 `image` feature and a ClassLabel
+      `label` feature, e.g. "mnist", "cifar10", "cifar100", "svhn_cropped".
     data_dir: TFDS data folder; None means TFDS's default (TFDS_DATA_DIR or
       ~/tensorflow_datasets).
     download: allow TFDS to download and prepare the data when it is missing.
 
   Returns:
-    {"train": (images, labels), "test": (images, labels)}: images uint8 (N, H, W, C),
-    labels int32 (N,). Under `tfds.testing.mock_data` both splits hold the same
-    random examples (the mock ignores split names and slicing).
+    {"train": TfdsSource, "test": TfdsSource}, with `image_shape` and `num_classes`
+    from the dataset's info. Under `tfds.testing.mock_data` both splits hold the
+    same random examples (the mock ignores split names and slicing).
 
   Raises:
-    DataError: unknown name, or TFDS cannot get the data (offline, not prepared,
-      a missing package); the message names the dataset and the ways out.
+    DataError: unknown name, not an image classification dataset, or TFDS cannot get
+      the data (offline, not prepared, a missing package); the message names the
+      dataset and the ways out.
   """
-  if name not in SUPPORTED_TFDS:
-    raise DataError(f"data.name {name!r} is not supported: use one of {SUPPORTED_TFDS}.")
   import tensorflow_datasets as tfds  # lazy: ~0.5 s, and only this path needs it
 
+  _check_tfds_name(tfds, name)
   data_dir = None if data_dir in (None, "") else os.fspath(data_dir)
   splits = ("train", "test")
 
@@ -270,7 +407,9 @@ def load_tfds(name: str, data_dir: str | os.PathLike[str] | None = None, *,
                       "copy of the data.") from e
     except Exception as e:
       raise _tfds_error(name, f"download failed: {_short(e)}") from e
-  return {s: _source_to_arrays(src, name) for s, src in zip(splits, found)}
+  image_shape, num_classes = _check_image_classification(tfds, name,
+                                                         found[0].dataset_info.features)
+  return {s: TfdsSource(src, image_shape, num_classes) for s, src in zip(splits, found)}
 
 
 # ----------------------------------------------------------------------- Dataset
@@ -278,36 +417,38 @@ def load_tfds(name: str, data_dir: str | os.PathLike[str] | None = None, *,
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """Arrays of one dataset, split three ways.
+  """One dataset, split three ways.
 
   Attributes:
     name: dataset name, e.g. "fashion_mnist".
-    train, validation, test: (images uint8 (N, H, W, C), labels int32 (N,)).
+    train, validation, test: Examples; `len()` counts them.
     num_classes: number of labels.
     image_shape: (H, W, C).
   """
   name: str
-  train: Split
-  validation: Split
-  test: Split
+  train: Examples
+  validation: Examples
+  test: Examples
   num_classes: int
   image_shape: tuple[int, int, int]
-
-
-def _take(split: Split, idx: np.ndarray) -> Split:
-  return split[0][idx], split[1][idx]
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None, validation_size: int,
                  seed: int, *, limit_train: int = 0, limit_test: int = 0,
                  tfds_data_dir: str | None = None, download: bool = True) -> Dataset:
-  """Loads a dataset and holds out a validation split from its training set.
+  """Opens a dataset and holds out a validation split from its training set.
+
+  The hold-out and the subsets are index selections over the source (grain shuffles
+  and slices of a range of positions): no example is read here.
 
   Args:
-    name: "mnist", "fashion_mnist" or "cifar10".
+    name: "mnist" or "fashion_mnist" with `data_dir`; any TFDS image classification
+      dataset (see `load_tfds`) without.
     data_dir: local IDX folder (mnist / fashion_mnist); empty or None uses TFDS.
     validation_size: examples moved from train to validation (0 = none).
-    seed: fixes which examples are held out (and the `limit_train` subset).
+    seed: fixes which examples are held out (and the `limit_train` subset): the
+      first `validation_size` positions of a permutation seeded by `seed` alone are
+      the validation split, the rest (or the next `limit_train`) the training split.
     limit_train: keep only this many training examples (0 = all), a random subset
       drawn from what remains after the hold-out; handy for tiny runs.
     limit_test: keep only this many test examples (0 = all), a fixed random subset
@@ -317,14 +458,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None, validation_
     download: allow TFDS to download when the data is not prepared.
 
   Returns:
-    A Dataset. Each split keeps the source order of its examples (subsets are
-    sorted), so the only shuffling is the per-epoch one in `epoch_batches`.
+    A Dataset. The order of each split is fixed by `seed` (the test split's by
+    nothing); training batches shuffle it again per epoch in `epoch_batches`.
 
   Raises:
-    DataError: bad sizes, or the data cannot be loaded.
+    DataError: bad sizes, or the data cannot be opened.
   """
-  if name not in SUPPORTED_TFDS:
-    raise DataError(f"data.name {name!r} is not supported: use one of {SUPPORTED_TFDS}.")
   for field, value in (("validation_size", validation_size), ("limit_train", limit_train),
                        ("limit_test", limit_test), ("seed", seed)):
     if not isinstance(value, (int, np.integer)) or value < 0:
@@ -333,27 +472,27 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None, validation_
     if name not in SUPPORTED_LOCAL:
       raise DataError(f"data.dir={os.fspath(data_dir)!r} holds IDX files, which exist only for "
                       f"{SUPPORTED_LOCAL}: set data.dir='' to load {name!r} from TFDS.")
-    splits = load_local(name, data_dir)
+    sources = {split: ArraySource(*arrays, _IDX_NUM_CLASSES)
+               for split, arrays in load_local(name, data_dir).items()}
   else:
-    splits = load_tfds(name, tfds_data_dir, download=download)
+    sources = load_tfds(name, tfds_data_dir, download=download)
 
-  train, test = splits["train"], splits["test"]
-  n_train = len(train[1])
+  train_source, test_source = sources["train"], sources["test"]
+  n_train, n_test = len(train_source), len(test_source)
   if validation_size >= n_train:
     raise DataError(f"data.validation_size={validation_size} leaves no training examples: "
                     f"{name!r} has {n_train}; use a smaller value.")
-  perm = np.random.default_rng([_STREAM_SPLIT, seed]).permutation(n_train)
-  val_idx = np.sort(perm[:validation_size])
-  train_idx = perm[validation_size:]
+  held_out = grain.MapDataset.range(n_train).shuffle(seed=_seed32(_STREAM_SPLIT, seed))
+  train = held_out[validation_size:]
   if limit_train:
-    train_idx = train_idx[:limit_train]
-  train_idx = np.sort(train_idx)
-  if limit_test and limit_test < len(test[1]):
-    test_perm = np.random.default_rng([_STREAM_LIMIT_TEST, 0]).permutation(len(test[1]))
-    test = _take(test, np.sort(test_perm[:limit_test]))
-  return Dataset(name=name, train=_take(train, train_idx), validation=_take(train, val_idx),
-                 test=test, num_classes=NUM_CLASSES[name],
-                 image_shape=tuple(int(d) for d in train[0].shape[1:]))
+    train = train[:limit_train]
+  test = grain.MapDataset.range(n_test)
+  if limit_test and limit_test < n_test:
+    test = test.shuffle(seed=_seed32(_STREAM_LIMIT_TEST, 0))[:limit_test]
+  return Dataset(name=name, train=Examples(train_source, train),
+                 validation=Examples(train_source, held_out[:validation_size]),
+                 test=Examples(test_source, test), num_classes=train_source.num_classes,
+                 image_shape=train_source.image_shape)
 
 
 # ---------------------------------------------------------------------- batching
@@ -366,11 +505,6 @@ def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = T
   if drop_remainder:
     return num_examples // batch_size
   return -(-num_examples // batch_size)
-
-
-def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  """The example order of one epoch: a permutation that depends only on (seed, epoch)."""
-  return np.random.default_rng([_STREAM_SHUFFLE, seed, epoch]).permutation(num_examples)
 
 
 def crop_flip_params(rng: np.random.Generator, n: int, padding: int = 4
@@ -415,22 +549,42 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator,
 AUGMENTATIONS = ("cifar",)
 
 
-def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
-                  epoch: int, shuffle: bool = True, drop_remainder: bool = True,
-                  augment: str | None = None, start_batch: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Yields the batches of one epoch, resumable at any batch.
+def _read_batch(positions: np.ndarray, rng: np.random.Generator | None = None, *,
+                source: ArraySource | TfdsSource, lo: int, hi: int,
+                with_mask: bool) -> dict[str, np.ndarray]:
+  """This process's slice [lo, hi) of a global batch of source positions (-1 = padding)."""
+  local = positions[lo:hi]
+  valid = local >= 0
+  images, labels = source.read(np.where(valid, local, 0))
+  if not valid.all():
+    images[~valid], labels[~valid] = 0, 0
+  if rng is not None:  # drawn for the global batch, so any process count sees the same
+    dy, dx, flips = crop_flip_params(rng, len(positions))
+    images = apply_crop_flip(images, dy[lo:hi], dx[lo:hi], flips[lo:hi])
+  batch = {"image": images.astype(np.float32) / np.float32(255.0), "label": labels}
+  if with_mask:
+    batch["mask"] = valid
+  return batch
 
-  The order is `epoch_order(n, seed, epoch)` (or source order when `shuffle` is
-  false) and augmentation randomness depends only on (seed, epoch, batch index),
-  so `start_batch=k` yields exactly the batches k, k+1, ... of the full epoch.
+
+def epoch_batches(examples: Examples, batch_size: int, *, seed: int, epoch: int,
+                  shuffle: bool = True, drop_remainder: bool = True,
+                  augment: str | None = None, start_batch: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+  """The batches of one epoch from `start_batch` on, as a lazy, random-access grain dataset.
+
+  Element k is batch `start_batch + k` of the epoch, a pure function of (seed, epoch,
+  its index): the order is a grain shuffle of the split's positions seeded by (seed,
+  epoch) (or the split's own order when `shuffle` is false), and the crop/flip of a
+  batch is a grain random map seeded by (seed, epoch) and the batch index. So a
+  resumed run (`start_batch=k`) reads exactly the batches k, k+1, ... of the full
+  epoch. Iterate it with `prefetch`; nothing is read until then.
 
   Multi-host: `batch_size` is the GLOBAL batch. Every process computes the same
-  global order and yields only its contiguous slice
-  [process_index * b_local, (process_index + 1) * b_local) of each global batch,
-  with b_local = batch_size // process_count. Augmentation is drawn for the whole
-  global batch and then sliced, so the union over processes equals the
-  single-process batch.
+  global batch of positions and reads only its contiguous slice
+  [process_index * b_local, (process_index + 1) * b_local), b_local = batch_size //
+  process_count. Augmentation is drawn for the whole global batch and then sliced,
+  so the processes' slices, concatenated, are the one-process batch.
 
   Eval (`drop_remainder=False`): the last global batch is padded to `batch_size`
   with zero images and label 0, and every batch gets a boolean "mask" key (True
@@ -438,29 +592,26 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, se
   leave padding out of its counts: `sum(correct * mask) / sum(mask)`.
 
   Args:
-    images: uint8 (N, H, W, C) in [0, 255].
-    labels: int (N,).
+    examples: a split of `load_dataset`, or `from_arrays(images, labels)`.
     batch_size: global batch size.
     seed, epoch: non-negative ints fixing the order and augmentation.
     shuffle: permute the examples (off for eval).
     drop_remainder: drop the last partial batch (training) or pad it with a mask.
     augment: None / "" / "none" for no augmentation, or "cifar" (random crop with
       4-pixel zero padding + horizontal flip).
-    start_batch: first batch to yield, in 0..steps_per_epoch (the latter yields nothing).
+    start_batch: first batch, in 0..steps_per_epoch (the latter gives no batches).
     process_index, process_count: this process and the number of processes.
 
-  Yields:
-    {"image": float32 (b_local, H, W, C) in [0, 1], "label": int32 (b_local,)}
-    plus "mask": bool (b_local,) when `drop_remainder` is false.
+  Returns:
+    A grain.MapDataset of {"image": float32 (b_local, H, W, C) in [0, 1], "label":
+    int32 (b_local,)} plus "mask": bool (b_local,) when `drop_remainder` is false.
 
   Raises:
-    DataError: inconsistent arguments (checked before the first batch).
+    DataError: inconsistent arguments.
   """
-  images = np.asarray(images)
-  labels = np.asarray(labels)
-  if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
-    raise DataError(f"images {images.shape} and labels {labels.shape} must be (N, H, W, C) "
-                    "and (N,) with the same N.")
+  if not isinstance(examples, Examples):
+    raise DataError(f"examples must be data.Examples, not {type(examples).__name__}: wrap "
+                    "arrays with data.from_arrays(images, labels).")
   if batch_size <= 0:
     raise DataError(f"batch_size={batch_size} must be positive.")
   if process_count <= 0 or not 0 <= process_index < process_count:
@@ -475,146 +626,50 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, se
     augment = None
   if augment is not None and augment not in AUGMENTATIONS:
     raise DataError(f"augment={augment!r} is unknown: use None or one of {AUGMENTATIONS}.")
-  n = len(labels)
+  n = len(examples)
   steps = steps_per_epoch(n, batch_size, drop_remainder)
   if not 0 <= start_batch <= steps:
     raise DataError(f"start_batch={start_batch} is outside 0..{steps}, the batches in this "
                     f"epoch of {n} examples at batch_size={batch_size}.")
-  # Validated eagerly above; the generator below only does the work.
-  return _epoch_batches(images, labels, batch_size, seed, epoch, shuffle, drop_remainder,
-                        augment, start_batch, steps, process_index, process_count)
 
-
-def _epoch_batches(images, labels, batch_size, seed, epoch, shuffle, drop_remainder, augment,
-                   start_batch, steps, process_index, process_count):
-  n = len(labels)
-  order = epoch_order(n, seed, epoch) if shuffle else np.arange(n)
+  positions = examples.positions
+  if shuffle:
+    positions = positions.shuffle(seed=_seed32(_STREAM_SHUFFLE, seed, epoch))
+  positions = positions[:steps * batch_size]
+  if steps * batch_size > n:  # pad the last eval batch with position -1
+    padding = grain.MapDataset.range(steps * batch_size - n).map(lambda _: -1)
+    positions = grain.MapDataset.concatenate([positions, padding])
   local = batch_size // process_count
-  lo, hi = process_index * local, (process_index + 1) * local
-  for step in range(start_batch, steps):
-    idx = order[step * batch_size:(step + 1) * batch_size]
-    if len(idx) < batch_size:  # only when padding the last eval batch
-      idx = np.concatenate([idx, np.full(batch_size - len(idx), -1, idx.dtype)])
-    local_idx = idx[lo:hi]
-    valid = local_idx >= 0
-    safe = np.where(valid, local_idx, 0)
-    x = images[safe]
-    y = labels[safe].astype(np.int32)
-    if not valid.all():
-      x[~valid] = 0
-      y[~valid] = 0
-    if augment == "cifar":
-      rng = np.random.default_rng([_STREAM_AUGMENT, seed, epoch, step])
-      dy, dx, flips = crop_flip_params(rng, batch_size)   # drawn for the global batch
-      x = apply_crop_flip(x, dy[lo:hi], dx[lo:hi], flips[lo:hi])
-    batch = {"image": x.astype(np.float32) / np.float32(255.0), "label": y}
-    if not drop_remainder:
-      batch["mask"] = valid
-    yield batch
+  read = functools.partial(_read_batch, source=examples.source, lo=process_index * local,
+                           hi=(process_index + 1) * local, with_mask=not drop_remainder)
+  global_batches = positions.batch(batch_size)
+  if augment == "cifar":
+    batches = global_batches.random_map(read, seed=_seed32(_STREAM_AUGMENT, seed, epoch))
+  else:
+    batches = global_batches.map(read)
+  return batches[start_batch:]
 
 
-# --------------------------------------------------------------------- prefetch
+@contextlib.contextmanager
+def prefetch(batches: grain.MapDataset, size: int = 2) -> Iterator[grain.DatasetIterator]:
+  """Iterates `batches` in order while grain's reader threads prepare `size` ahead.
 
-_ITEM, _END, _ERROR = "item", "end", "error"
-
-
-def _offer(q: queue.Queue, stop: threading.Event, entry: tuple[str, Any]) -> bool:
-  """Puts `entry` unless stopped; timed puts let close() free a producer on a full queue."""
-  while not stop.is_set():
-    try:
-      q.put(entry, timeout=0.05)
-      return True
-    except queue.Full:
-      pass
-  return False
-
-
-def _produce(iterator: Iterator[Any], put: Callable[[Any], Any] | None, q: queue.Queue,
-             stop: threading.Event) -> None:
-  # A plain function, not a method: the thread must not keep the Prefetcher alive,
-  # so that dropping the last reference stops it (see Prefetcher.__del__).
-  try:
-    for item in iterator:
-      if put is not None:
-        item = put(item)
-      if not _offer(q, stop, (_ITEM, item)):
-        return
-    _offer(q, stop, (_END, None))
-  except BaseException as e:  # pylint: disable=broad-except  # handed to the consumer
-    _offer(q, stop, (_ERROR, e))
-
-
-class Prefetcher(Iterator[Any]):
-  """Iterator that produces items in a background thread into a bounded queue.
-
-  Use `prefetch(...)` to make one. Exceptions raised by the producer are re-raised
-  by `next()` in the consumer. `close()` (or leaving a `with` block, or dropping
-  the last reference) stops the producer after its current item; it is a daemon
-  thread, so a forgotten prefetcher never blocks interpreter exit.
-  """
-
-  def __init__(self, iterator: Iterable[Any], size: int, put: Callable[[Any], Any] | None):
-    if size < 1:
-      raise ValueError(f"prefetch size={size} must be at least 1.")
-    self._queue: queue.Queue = queue.Queue(maxsize=size)
-    self._stop = threading.Event()
-    self._done = False
-    self._thread = threading.Thread(target=_produce,
-                                    args=(iter(iterator), put, self._queue, self._stop),
-                                    daemon=True, name="prefetch")
-    self._thread.start()
-
-  def __iter__(self) -> Prefetcher:
-    return self
-
-  def __next__(self) -> Any:
-    if self._done:
-      raise StopIteration
-    kind, value = self._queue.get()
-    if kind == _ITEM:
-      return value
-    self._done = True
-    self._thread.join()
-    if kind == _ERROR:
-      raise value
-    raise StopIteration
-
-  def close(self, timeout: float | None = 5.0) -> None:
-    """Stops the producer and waits up to `timeout` s for its current item to finish."""
-    self._done = True
-    self._stop.set()
-    self._thread.join(timeout)
-
-  @property
-  def alive(self) -> bool:
-    """Whether the producer thread is still running."""
-    return self._thread.is_alive()
-
-  def __enter__(self) -> Prefetcher:
-    return self
-
-  def __exit__(self, *exc_info: Any) -> None:
-    self.close()
-
-  def __del__(self) -> None:
-    stop = getattr(self, "_stop", None)  # absent if __init__ failed
-    if stop is not None:
-      stop.set()
-
-
-def prefetch(iterator: Iterable[Any], size: int = 2,
-             put: Callable[[Any], Any] | None = None) -> Prefetcher:
-  """Runs `iterator` ahead in a background thread, keeping up to `size` items ready.
+  Usage: `with prefetch(epoch_batches(...), size=3) as it: for batch in it: ...`.
+  Leaving the block stops the readers, also when it is left early.
 
   Args:
-    iterator: any iterable, e.g. `epoch_batches(...)`; it is consumed only by the
-      background thread from now on.
-    size: queue bound (items produced but not yet taken).
-    put: optional function applied to each item in the thread, e.g.
-      `jax.device_put` or a sharding-aware placement, so transfers overlap compute.
+    batches: a grain.MapDataset, e.g. `epoch_batches(...)`.
+    size: batches read ahead (and reader threads).
 
-  Returns:
-    A `Prefetcher`: iterate it like the original; `close()` it (or use `with`) when
-    stopping early.
+  Yields:
+    A grain iterator over the elements of `batches`, in order; exceptions raised
+    while reading come out of its `next()`.
   """
-  return Prefetcher(iterator, size, put)
+  if size < 1:
+    raise ValueError(f"prefetch size={size} must be at least 1.")
+  iterator = iter(batches.to_iter_dataset(
+      grain.ReadOptions(num_threads=size, prefetch_buffer_size=size)))
+  try:
+    yield iterator
+  finally:
+    iterator.close()

@@ -165,7 +165,7 @@ class Context:
     return key
 
   def steps_per_epoch(self) -> int:
-    return data.steps_per_epoch(len(self.dataset.train[1]), self.config.batch_size)
+    return data.steps_per_epoch(len(self.dataset.train), self.config.batch_size)
 
   def eval_step(self, model):
     """One jitted eval step per model (its compilation is reused across stages)."""
@@ -179,15 +179,16 @@ class Context:
     return self._eval_steps[key]
 
   def evaluate(self, model, params, batch_stats, split: str, key: jax.Array) -> dict[str, float]:
-    images, labels = getattr(self.dataset, split)
-    if len(labels) == 0:
+    examples = getattr(self.dataset, split)
+    if len(examples) == 0:
       return {"count": 0, "natural_accuracy": float("nan"), "adversarial_accuracy": float("nan")}
-    batches = data.epoch_batches(images, labels, self.config.eval_batch_size, seed=0, epoch=0,
+    batches = data.epoch_batches(examples, self.config.eval_batch_size, seed=0, epoch=0,
                                  shuffle=False, drop_remainder=False,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
-    batches = map(self.runtime.global_batch, data.prefetch(batches))
-    return train.evaluate(self.eval_step(model), params, batch_stats, batches, key)
+    with data.prefetch(batches) as it:
+      return train.evaluate(self.eval_step(model), params, batch_stats,
+                            map(self.runtime.global_batch, it), key)
 
 
 def _stage_dirs(workdir: str, stage: str) -> tuple[str, str, str]:
@@ -321,7 +322,7 @@ def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
       in_shardings=(rt.replicated, rt.data, rt.replicated),
       out_shardings=(rt.replicated, rt.replicated))
   stage_key = ctx.key("train", stage)
-  n_train = len(ctx.dataset.train[1])
+  n_train = len(ctx.dataset.train)
   logging.info("%s: %d epochs x %d steps of batch %d (%d examples), model %s(w=%d), attack %s",
                stage, epochs, spe, cfg.batch_size, n_train, cfg.model.name, model.width,
                ctx.train_attack)
@@ -332,7 +333,7 @@ def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
   while step < total_steps:
     epoch, start = divmod(step, spe)
     batches = data.epoch_batches(
-        *ctx.dataset.train, cfg.batch_size, seed=cfg.seed * 1000 + configlib.STAGE_ORDER.index(stage),
+        ctx.dataset.train, cfg.batch_size, seed=cfg.seed * 1000 + configlib.STAGE_ORDER.index(stage),
         epoch=epoch, augment=cfg.data.augment, start_batch=start,
         process_index=jax.process_index(), process_count=jax.process_count())
     state, metrics = carry["train"], carry["epoch_metrics"]
@@ -465,8 +466,8 @@ def _report(ctx: Context, records: dict[str, dict]) -> dict[str, Any]:
   a = ctx.config.attack
   report = {
       "config": json.loads(ctx.config.to_json_best_effort()),
-      "dataset": {"name": ctx.dataset.name, "train": len(ctx.dataset.train[1]),
-                  "validation": len(ctx.dataset.validation[1]), "test": len(ctx.dataset.test[1])},
+      "dataset": {"name": ctx.dataset.name, "train": len(ctx.dataset.train),
+                  "validation": len(ctx.dataset.validation), "test": len(ctx.dataset.test)},
       "attack": {"eps": a.eps, "steps": a.eval_steps, "step_size": a.eval_step_size,
                  "norm": "linf", "random_start": True,
                  "train": {"kind": a.kind, "steps": a.steps, "step_size": a.step_size}},
@@ -526,9 +527,9 @@ def make_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
                               config.seed, limit_train=config.data.limit_train,
                               limit_test=config.data.limit_test,
                               tfds_data_dir=config.data.tfds_dir or None)
-  if len(dataset.train[1]) < config.batch_size:
+  if len(dataset.train) < config.batch_size:
     raise configlib.ConfigError(f"config.batch_size={config.batch_size} is larger than the "
-                                f"{len(dataset.train[1])} training examples: lower it.")
+                                f"{len(dataset.train)} training examples: lower it.")
   ctx = Context(config, workdir, runtime, dataset)
   if ctx.spec is not None:  # check the patterns against the model's params before any work
     shapes = jax.eval_shape(lambda: _fresh_variables(ctx, ctx.model(config.model.width), "check"))
@@ -537,8 +538,8 @@ def make_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
     except ValueError as e:
       raise configlib.ConfigError(f"config.sparsity: {e}") from None
   logging.info("workdir %s | %s: %d train, %d validation, %d test | %d %s device(s)", workdir,
-               dataset.name, len(dataset.train[1]), len(dataset.validation[1]),
-               len(dataset.test[1]), runtime.num_devices, jax.default_backend())
+               dataset.name, len(dataset.train), len(dataset.validation),
+               len(dataset.test), runtime.num_devices, jax.default_backend())
   return ctx
 
 

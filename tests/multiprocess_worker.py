@@ -63,11 +63,11 @@ def main() -> int:
                                  out_shardings=(rt.replicated, rt.replicated))
   key = jax.random.key(1)
   images, labels = synthetic_data()
-  batches = data.epoch_batches(images, labels, GLOBAL_BATCH, seed=3, epoch=0,
+  batches = data.epoch_batches(data.from_arrays(images, labels), GLOBAL_BATCH, seed=3, epoch=0,
                                process_index=jax.process_index(),
                                process_count=jax.process_count())
   read, metrics = [], None
-  for _, local in zip(range(args.steps), batches):
+  for local in (batches[k] for k in range(args.steps)):  # batch k, read on demand
     read.append(decode_indices(local["image"]))
     state, m = step_fn(state, rt.global_batch(local), key)
     metrics = train.add_metrics(metrics, m)

@@ -63,3 +63,18 @@ def test_warmup_ramps_the_stage_schedule_linearly_then_leaves_it_alone():
     config = configlib.base_config()
     config.retrain.warmup_epochs = 3.0
     configlib.validate(config)
+
+
+@pytest.mark.parametrize("name,directory,bad_field", [
+    ("cifar100", "", None), ("svhn_cropped", "", None), ("mnist:3.0.1", "", None),
+    ("mnist", "/some/idx/folder", None),
+    ("cifar100", "/some/idx/folder", "data.dir"),   # IDX files exist for (fashion_)mnist only
+    ("CIFAR 10", "", "data.name"), ("", "", "data.name")])
+def test_data_name_is_a_local_idx_dataset_or_any_tfds_name(name, directory, bad_field):
+  config = configlib.base_config()
+  config.data.update(name=name, dir=directory)
+  if bad_field is None:
+    configlib.validate(config)
+  else:
+    with pytest.raises(configlib.ConfigError, match=f"config.{bad_field}="):
+      configlib.validate(config)

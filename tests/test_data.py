@@ -1,10 +1,11 @@
-"""Tests for admm_jax.data: IDX/TFDS loading, deterministic batches, prefetch."""
+"""Tests for admm_jax.data: IDX/TFDS sources, hold-out, deterministic grain batches, prefetch."""
 import gzip
 import os
 import socket
-import threading
 import time
+import tracemalloc
 
+import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -153,9 +154,13 @@ def test_load_local_real_fashion_mnist():
 def test_load_dataset_real_fashion_mnist_holds_out_validation():
   _require_fashion_mnist()
   ds = data.load_dataset("fashion_mnist", FASHION_DIR, validation_size=5000, seed=0)
-  assert len(ds.train[1]) == 55000 and len(ds.validation[1]) == 5000
-  assert len(ds.test[1]) == 10000
+  assert len(ds.train) == 55000 and len(ds.validation) == 5000
+  assert len(ds.test) == 10000
   assert ds.num_classes == 10 and ds.image_shape == (28, 28, 1)
+  images, labels = data.Examples(ds.train.source, ds.train.positions[:3]).arrays()
+  assert images.shape == (3, 28, 28, 1) and images.dtype == np.uint8 and labels.dtype == np.int32
+  with pytest.raises(TypeError):
+    ds.train[1]  # noqa: B018  # not the old (images, labels) tuple: no quiet misreads
 
 
 # ----------------------------------------------------------------- load_dataset
@@ -166,27 +171,36 @@ def test_load_dataset_local_split_is_deterministic_and_disjoint(tmp_path):
   a = data.load_dataset("mnist", str(tmp_path), validation_size=20, seed=3)
   b = data.load_dataset("mnist", str(tmp_path), validation_size=20, seed=3)
   c = data.load_dataset("mnist", str(tmp_path), validation_size=20, seed=4)
-  np.testing.assert_array_equal(a.validation[0], b.validation[0])
-  np.testing.assert_array_equal(a.train[1], b.train[1])
-  assert not np.array_equal(a.validation[0], c.validation[0])
-  assert len(a.train[1]) == 80 and len(a.validation[1]) == 20
-  assert not _rows(a.train[0]) & _rows(a.validation[0])
-  assert _rows(a.train[0]) | _rows(a.validation[0]) == _rows(
-      arrays["train-images-idx3-ubyte"][..., None])
+  np.testing.assert_array_equal(a.validation.arrays()[0], b.validation.arrays()[0])
+  np.testing.assert_array_equal(a.train.arrays()[1], b.train.arrays()[1])
+  assert not np.array_equal(a.validation.arrays()[0], c.validation.arrays()[0])
+  assert len(a.train) == 80 and len(a.validation) == 20
+  train, val = a.train.arrays()[0], a.validation.arrays()[0]
+  assert not _rows(train) & _rows(val)
+  assert _rows(train) | _rows(val) == _rows(arrays["train-images-idx3-ubyte"][..., None])
+
+
+def test_held_out_examples_depend_on_the_seed_only(tmp_path):
+  _write_mnist_dir(tmp_path, n_train=100, n_test=30)
+  load = lambda **kw: data.load_dataset("mnist", str(tmp_path), validation_size=20, seed=3, **kw)
+  full, limited = load(), load(limit_train=16, limit_test=8)
+  np.testing.assert_array_equal(full.validation.arrays()[0], limited.validation.arrays()[0])
+  assert _rows(limited.train.arrays()[0]) <= _rows(full.train.arrays()[0])
 
 
 def test_load_dataset_zero_validation_and_limits(tmp_path):
   _write_mnist_dir(tmp_path, n_train=100, n_test=30)
   ds = data.load_dataset("mnist", str(tmp_path), validation_size=0, seed=0,
                          limit_train=16, limit_test=8)
-  assert ds.validation[0].shape == (0, 28, 28, 1) and ds.validation[1].shape == (0,)
-  assert ds.train[0].shape == (16, 28, 28, 1) and ds.test[0].shape == (8, 28, 28, 1)
+  assert len(ds.validation) == 0 and ds.validation.arrays()[0].shape == (0, 28, 28, 1)
+  assert len(ds.train) == 16 and ds.test.arrays()[0].shape == (8, 28, 28, 1)
   again = data.load_dataset("mnist", str(tmp_path), validation_size=0, seed=0,
                             limit_train=16, limit_test=8)
-  np.testing.assert_array_equal(ds.train[0], again.train[0])
+  np.testing.assert_array_equal(ds.train.arrays()[0], again.train.arrays()[0])
   other_seed = data.load_dataset("mnist", str(tmp_path), validation_size=0, seed=1,
                                  limit_train=16, limit_test=8)
-  np.testing.assert_array_equal(ds.test[0], other_seed.test[0])  # seed-independent test subset
+  # The test subset does not depend on the seed.
+  np.testing.assert_array_equal(ds.test.arrays()[0], other_seed.test.arrays()[0])
 
 
 def test_load_dataset_rejects_bad_sizes(tmp_path):
@@ -203,27 +217,86 @@ def test_load_dataset_rejects_bad_sizes(tmp_path):
 
 # ------------------------------------------------------------------------ TFDS
 
+TFDS_IMAGE_DATASETS = [("mnist", (28, 28, 1), 10), ("cifar10", (32, 32, 3), 10),
+                       ("cifar100", (32, 32, 3), 100), ("svhn_cropped", (32, 32, 3), 10)]
 
-@pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
-def test_load_tfds_under_mock(tmp_path, name, shape):
+
+@pytest.mark.parametrize("name,shape,classes", TFDS_IMAGE_DATASETS)
+def test_load_tfds_under_mock(tmp_path, name, shape, classes):
   with tfds.testing.mock_data(num_examples=40):
-    splits = data.load_tfds(name, tmp_path)
-  assert set(splits) == {"train", "test"}
-  for images, labels in splits.values():
-    assert images.shape == (40, *shape) and images.dtype == np.uint8
-    assert labels.shape == (40,) and labels.dtype == np.int32
-    assert labels.min() >= 0 and labels.max() < 10
+    sources = data.load_tfds(name, tmp_path)
+  assert set(sources) == {"train", "test"}
+  for split in sources.values():
+    assert len(split) == 40 and split.num_classes == classes and split.image_shape == shape
+    example = split[7]
+    assert set(example) == {"image", "label"}
+    assert example["image"].shape == shape and example["image"].dtype == np.uint8
+    assert example["label"].dtype == np.int32 and 0 <= example["label"] < classes
+    images, labels = split.read(np.array([7, 3, 7]))
+    np.testing.assert_array_equal(images[0], example["image"])
+    np.testing.assert_array_equal(images[2], images[0])
+    assert images.shape == (3, *shape) and labels.dtype == np.int32
 
 
-@pytest.mark.parametrize("name", ["mnist", "cifar10"])
-def test_load_dataset_tfds_holds_out_validation_disjointly(tmp_path, name):
+@pytest.mark.parametrize("name,shape,classes", TFDS_IMAGE_DATASETS)
+def test_any_tfds_image_dataset_holds_out_validation_and_batches(tmp_path, name, shape, classes):
   with tfds.testing.mock_data(num_examples=64):
     full = data.load_tfds(name, tmp_path)["train"]
     ds = data.load_dataset(name, "", validation_size=16, seed=0, tfds_data_dir=str(tmp_path))
-  assert len(ds.train[1]) == 48 and len(ds.validation[1]) == 16 and len(ds.test[1]) == 64
-  assert ds.image_shape == full[0].shape[1:] and ds.num_classes == 10
-  assert not _rows(ds.train[0]) & _rows(ds.validation[0])
-  assert _rows(ds.train[0]) | _rows(ds.validation[0]) == _rows(full[0])
+  assert len(ds.train) == 48 and len(ds.validation) == 16 and len(ds.test) == 64
+  assert ds.image_shape == shape and ds.num_classes == classes
+  train, val = ds.train.arrays()[0], ds.validation.arrays()[0]
+  assert not _rows(train) & _rows(val)
+  assert _rows(train) | _rows(val) == _rows([full[i]["image"] for i in range(64)])
+  batches = data.epoch_batches(ds.train, 16, seed=0, epoch=0,
+                               augment="cifar" if shape[0] == 32 else None)
+  with data.prefetch(batches) as it:
+    got = list(it)
+  assert len(got) == 3 and got[0]["image"].shape == (16, *shape)
+  assert got[0]["label"].dtype == np.int32 and got[0]["label"].max() < classes
+
+
+def test_unknown_tfds_name_is_one_sentence_with_close_names(tmp_path):
+  with pytest.raises(data.DataError) as info:
+    data.load_tfds("cifar_10", tmp_path)
+  msg = str(info.value)
+  assert "'cifar_10'" in msg and "cifar10" in msg and "mnist" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("name,why", [("imdb_reviews", "not an image classification"),
+                                      ("celeb_a", "ClassLabel 'label'"),
+                                      ("imagenette", "fixed-size")])
+def test_tfds_dataset_that_is_not_fixed_size_image_classification_is_refused(tmp_path, name,
+                                                                               why):
+  with tfds.testing.mock_data(num_examples=4), pytest.raises(data.DataError, match=why) as info:
+    data.load_tfds(name, tmp_path)
+  assert repr(name) in str(info.value)
+
+
+def _peak_traced_bytes_of_training_and_eval_batches(num_examples: int) -> int:
+  tracemalloc.start()
+  try:
+    with tfds.testing.mock_data(num_examples=num_examples):
+      ds = data.load_dataset("cifar10", "", validation_size=1000, seed=0)
+      train = data.epoch_batches(ds.train, 128, seed=0, epoch=3, augment="cifar")
+      with data.prefetch(train, size=3) as it:
+        assert len([b for _, b in zip(range(6), it)]) == 6
+      test = data.epoch_batches(ds.test, 256, seed=0, epoch=0, shuffle=False,
+                                drop_remainder=False)
+      with data.prefetch(test) as it:
+        assert len([b for _, b in zip(range(3), it)]) == 3
+    return tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+
+
+def test_peak_memory_does_not_grow_with_the_dataset():
+  # A million mock CIFAR-10 examples: 3.1 GB of images if a split were materialised.
+  small = _peak_traced_bytes_of_training_and_eval_batches(2_000)
+  large = _peak_traced_bytes_of_training_and_eval_batches(1_000_000)
+  mib = 2**20
+  print(f"peak traced memory: 2k examples {small / mib:.1f} MiB, 1M examples {large / mib:.1f} MiB")
+  assert large < small + 16 * mib and large < 64 * mib
 
 
 def test_load_tfds_unprepared_without_download_fails_fast(tmp_path):
@@ -297,7 +370,12 @@ def _toy(n=37, h=6, w=5, c=2, seed=0):
   rng = np.random.default_rng(seed)
   images = rng.integers(0, 256, (n, h, w, c), dtype=np.uint8)
   labels = np.arange(n, dtype=np.int32)  # label = example id, to track order
-  return images, labels
+  return images, data.from_arrays(images, labels)
+
+
+def _epoch(examples, batch_size, **kwargs):
+  with data.prefetch(data.epoch_batches(examples, batch_size, **kwargs)) as it:
+    return list(it)
 
 
 @pytest.mark.parametrize("n,b,drop,expected", [(37, 8, True, 4), (37, 8, False, 5),
@@ -308,8 +386,8 @@ def test_steps_per_epoch(n, b, drop, expected):
 
 
 def test_batches_shapes_dtypes_and_range():
-  images, labels = _toy()
-  batches = list(data.epoch_batches(images, labels, 8, seed=0, epoch=0))
+  images, examples = _toy()
+  batches = _epoch(examples, 8, seed=0, epoch=0)
   assert len(batches) == 4 and set(batches[0]) == {"image", "label"}
   for batch in batches:
     assert batch["image"].shape == (8, 6, 5, 2) and batch["image"].dtype == np.float32
@@ -321,23 +399,38 @@ def test_batches_shapes_dtypes_and_range():
 
 
 def test_batches_deterministic_per_seed_epoch_and_vary_across_epochs():
-  images, labels = _toy()
+  _, examples = _toy()
   order = lambda seed, epoch: np.concatenate(
-      [b["label"] for b in data.epoch_batches(images, labels, 8, seed=seed, epoch=epoch)])
+      [b["label"] for b in _epoch(examples, 8, seed=seed, epoch=epoch)])
   np.testing.assert_array_equal(order(1, 2), order(1, 2))
   assert not np.array_equal(order(1, 2), order(1, 3))
   assert not np.array_equal(order(1, 2), order(2, 2))
-  unshuffled = data.epoch_batches(images, labels, 8, seed=1, epoch=2, shuffle=False)
-  np.testing.assert_array_equal(next(unshuffled)["label"], np.arange(8))
+  unshuffled = data.epoch_batches(examples, 8, seed=1, epoch=2, shuffle=False)
+  np.testing.assert_array_equal(unshuffled[0]["label"], np.arange(8))
+
+
+@pytest.mark.parametrize("augment", [None, "cifar"])
+def test_batch_k_is_a_pure_function_of_seed_epoch_and_k(augment):
+  images, _ = _toy(n=50, h=8, w=8, c=3)
+  kwargs = dict(seed=7, epoch=3, augment=augment)
+  # Fresh sources and pipelines each time: nothing is carried between them.
+  batch = lambda k, start=0: data.epoch_batches(
+      data.from_arrays(images.copy(), np.arange(50)), 8, start_batch=start, **kwargs)[k - start]
+  full = _epoch(data.from_arrays(images, np.arange(50)), 8, **kwargs)
+  assert len(full) == 6
+  for k in (5, 0, 3):
+    for start in range(k + 1):
+      np.testing.assert_array_equal(batch(k, start)["image"], full[k]["image"])
+      np.testing.assert_array_equal(batch(k, start)["label"], full[k]["label"])
 
 
 @pytest.mark.parametrize("augment", [None, "cifar"])
 def test_resume_from_start_batch_equals_tail_of_full_epoch(augment):
-  images, labels = _toy(n=50, h=8, w=8, c=3)
+  _, examples = _toy(n=50, h=8, w=8, c=3)
   kwargs = dict(seed=7, epoch=3, augment=augment)
-  full = list(data.epoch_batches(images, labels, 8, **kwargs))
+  full = _epoch(examples, 8, **kwargs)
   for start in (0, 2, 5, 6):
-    resumed = list(data.epoch_batches(images, labels, 8, start_batch=start, **kwargs))
+    resumed = _epoch(examples, 8, start_batch=start, **kwargs)
     assert len(resumed) == len(full) - start
     for got, want in zip(resumed, full[start:]):
       np.testing.assert_array_equal(got["image"], want["image"])
@@ -345,23 +438,26 @@ def test_resume_from_start_batch_equals_tail_of_full_epoch(augment):
 
 
 def test_bad_start_batch_and_arguments_fail_eagerly():
-  images, labels = _toy()
+  images, examples = _toy()
   with pytest.raises(data.DataError, match="start_batch=5"):
-    data.epoch_batches(images, labels, 8, seed=0, epoch=0, start_batch=5)
+    data.epoch_batches(examples, 8, seed=0, epoch=0, start_batch=5)
   with pytest.raises(data.DataError, match="augment='mixup'"):
-    data.epoch_batches(images, labels, 8, seed=0, epoch=0, augment="mixup")
+    data.epoch_batches(examples, 8, seed=0, epoch=0, augment="mixup")
+  with pytest.raises(data.DataError, match="from_arrays"):
+    data.epoch_batches(images, 8, seed=0, epoch=0)
   with pytest.raises(data.DataError, match="images"):
-    data.epoch_batches(images, labels[:-1], 8, seed=0, epoch=0)
+    data.from_arrays(images, np.arange(len(images) - 1))
 
 
 @pytest.mark.parametrize("drop", [True, False])
 @pytest.mark.parametrize("augment", [None, "cifar"])
 def test_process_slices_are_disjoint_and_union_is_global_batch(drop, augment):
-  images, labels = _toy(n=45, h=8, w=8, c=3)
+  _, examples = _toy(n=45, h=8, w=8, c=3)
   kwargs = dict(seed=5, epoch=1, drop_remainder=drop, augment=augment)
-  global_batches = list(data.epoch_batches(images, labels, 12, **kwargs))
-  per_process = [list(data.epoch_batches(images, labels, 12, process_index=p,
-                                         process_count=3, **kwargs)) for p in range(3)]
+  global_batches = _epoch(examples, 12, **kwargs)
+  per_process = [_epoch(examples, 12, process_index=p, process_count=3, **kwargs)
+                 for p in range(3)]
+  assert all(len(batches) == len(global_batches) for batches in per_process)
   for step, want in enumerate(global_batches):
     parts = [batches[step] for batches in per_process]
     for part in parts:
@@ -374,15 +470,14 @@ def test_process_slices_are_disjoint_and_union_is_global_batch(drop, augment):
 
 
 def test_global_batch_must_divide_by_process_count():
-  images, labels = _toy()
+  _, examples = _toy()
   with pytest.raises(data.DataError, match=r"batch_size=10.*process_count=4"):
-    data.epoch_batches(images, labels, 10, seed=0, epoch=0, process_index=0, process_count=4)
+    data.epoch_batches(examples, 10, seed=0, epoch=0, process_index=0, process_count=4)
 
 
 def test_eval_padding_mask_counts_every_example_once():
-  images, labels = _toy(n=37)
-  batches = list(data.epoch_batches(images, labels, 8, seed=0, epoch=0, shuffle=False,
-                                    drop_remainder=False))
+  _, examples = _toy(n=37)
+  batches = _epoch(examples, 8, seed=0, epoch=0, shuffle=False, drop_remainder=False)
   assert len(batches) == 5
   for batch in batches:
     assert batch["image"].shape == (8, 6, 5, 2) and batch["mask"].dtype == bool
@@ -395,27 +490,25 @@ def test_eval_padding_mask_counts_every_example_once():
 
 
 def test_empty_split_yields_no_batches():
-  images = np.zeros((0, 4, 4, 1), np.uint8)
-  labels = np.zeros((0,), np.int32)
-  assert not list(data.epoch_batches(images, labels, 4, seed=0, epoch=0, drop_remainder=False))
+  examples = data.from_arrays(np.zeros((0, 4, 4, 1), np.uint8), np.zeros((0,), np.int32))
+  assert not _epoch(examples, 4, seed=0, epoch=0, drop_remainder=False)
 
 
 # ----------------------------------------------------------------- augmentation
 
 
 def test_cifar_augmentation_shape_range_determinism_and_effect():
-  images, labels = _toy(n=64, h=32, w=32, c=3)
-  run = lambda epoch: list(data.epoch_batches(images, labels, 16, seed=0, epoch=epoch,
-                                              augment="cifar"))
+  _, examples = _toy(n=64, h=32, w=32, c=3)
+  run = lambda epoch: _epoch(examples, 16, seed=0, epoch=epoch, augment="cifar")
   a, b = run(0), run(0)
-  plain = list(data.epoch_batches(images, labels, 16, seed=0, epoch=0))
+  plain = _epoch(examples, 16, seed=0, epoch=0)
   for x, y, p in zip(a, b, plain):
     assert x["image"].shape == (16, 32, 32, 3) and x["image"].dtype == np.float32
     assert 0.0 <= x["image"].min() and x["image"].max() <= 1.0
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["label"], p["label"])  # same examples, same order
     assert not np.array_equal(x["image"], p["image"])
-  assert not np.array_equal(a[0]["image"], a[1]["image"])
+  assert not np.array_equal(a[0]["image"], run(1)[0]["image"])
 
 
 def test_crop_flip_matches_per_example_reference():
@@ -430,90 +523,63 @@ def test_crop_flip_matches_per_example_reference():
   assert dy.min() >= 0 and dy.max() <= 6 and flips.any() and not flips.all()
   identity = data.apply_crop_flip(images, np.full(10, 3), np.full(10, 3), np.zeros(10, bool), 3)
   np.testing.assert_array_equal(identity, images)
+  again = data.random_crop_flip(images, np.random.default_rng(1), padding=3)
+  np.testing.assert_array_equal(again, got)
 
 
 # -------------------------------------------------------------------- prefetch
 
 
-def test_prefetch_yields_same_sequence():
-  images, labels = _toy()
-  want = list(data.epoch_batches(images, labels, 8, seed=0, epoch=0))
-  with data.prefetch(data.epoch_batches(images, labels, 8, seed=0, epoch=0), size=2) as it:
+class _CountingSource(data.ArraySource):
+  """Arrays that record which positions were read, and can fail at one of them."""
+
+  def __init__(self, n, fail_at=None):
+    super().__init__(np.zeros((n, 2, 2, 1), np.uint8), np.arange(n), num_classes=n)
+    self.fail_at, self.read_positions = fail_at, []
+
+  def read(self, positions):
+    if self.fail_at in positions:
+      raise RuntimeError("disk on fire")
+    self.read_positions.extend(positions.tolist())
+    return super().read(positions)
+
+
+def _counting_examples(n, fail_at=None):
+  source = _CountingSource(n, fail_at)
+  return source, data.Examples(source, grain.MapDataset.range(n))
+
+
+def test_prefetch_yields_the_batches_in_order():
+  _, examples = _toy()
+  batches = data.epoch_batches(examples, 8, seed=0, epoch=0)
+  with data.prefetch(batches, size=2) as it:
     got = list(it)
-  assert len(got) == len(want)
-  for g, w in zip(got, want):
-    np.testing.assert_array_equal(g["label"], w["label"])
-  assert list(data.prefetch(iter(range(100)), size=3)) == list(range(100))
+  assert len(got) == len(batches) == 4
+  for k, g in enumerate(got):
+    np.testing.assert_array_equal(g["label"], batches[k]["label"])
 
 
-def test_prefetch_applies_put_in_producer_thread():
-  threads = []
-
-  def put(x):
-    threads.append(threading.current_thread().name)
-    return x * 10
-
-  assert list(data.prefetch(range(5), put=put)) == [0, 10, 20, 30, 40]
-  assert set(threads) == {"prefetch"}
-
-
-def test_prefetch_reraises_producer_exception():
-  def producer():
-    yield 1
-    yield 2
-    raise RuntimeError("disk on fire")
-
-  it = data.prefetch(producer())
-  assert next(it) == 1 and next(it) == 2
-  with pytest.raises(RuntimeError, match="disk on fire"):
+def test_prefetch_runs_ahead_and_stops_when_left():
+  source, examples = _counting_examples(64)
+  batches = data.epoch_batches(examples, 4, seed=0, epoch=0, shuffle=False)
+  with data.prefetch(batches, size=3) as it:
+    first = next(it)
+    deadline = time.monotonic() + 10
+    while len(source.read_positions) < 12 and time.monotonic() < deadline:  # 3 batches ahead
+      time.sleep(0.01)
+    assert len(source.read_positions) >= 12
+  np.testing.assert_array_equal(first["label"], np.arange(4))
+  with pytest.raises(ValueError, match="closed"):
     next(it)
-  with pytest.raises(StopIteration):
-    next(it)
+  time.sleep(0.2)
+  assert len(source.read_positions) < 64  # left early: the rest was never read
 
 
-def test_prefetch_close_stops_an_endless_producer():
-  def endless():
-    i = 0
-    while True:
-      yield i
-      i += 1
-
-  it = data.prefetch(endless(), size=2)
-  assert [next(it) for _ in range(3)] == [0, 1, 2]
-  time.sleep(0.05)  # let the producer block on the full queue
-  it.close()
-  assert not it.alive
-  with pytest.raises(StopIteration):
-    next(it)
-
-
-def test_prefetch_runs_ahead():
-  produced = []
-
-  def producer():
-    for i in range(4):
-      produced.append(i)
-      yield i
-
-  it = data.prefetch(producer(), size=2)
-  deadline = time.monotonic() + 5
-  while len(produced) < 3 and time.monotonic() < deadline:  # 2 queued + 1 waiting to enter
-    time.sleep(0.01)
-  assert len(produced) >= 3
-  assert list(it) == [0, 1, 2, 3]
-
-
-def test_prefetch_dropped_without_close_stops_its_thread():
-  import gc
-
-  def endless():
-    while True:
-      yield np.zeros(3)
-
-  it = data.prefetch(endless(), size=1)
-  next(it)
-  thread = it._thread
-  del it
-  gc.collect()
-  thread.join(timeout=5)
-  assert not thread.is_alive()
+def test_prefetch_reraises_a_read_error():
+  _, examples = _counting_examples(16, fail_at=9)
+  batches = data.epoch_batches(examples, 4, seed=0, epoch=0, shuffle=False)
+  with data.prefetch(batches, size=2) as it:
+    assert next(it)["label"].tolist() == [0, 1, 2, 3]
+    assert next(it)["label"].tolist() == [4, 5, 6, 7]
+    with pytest.raises(RuntimeError, match="disk on fire"):
+      next(it)
