@@ -78,13 +78,14 @@ def make_config(seed: int, overrides: dict[str, object], **fields):
   sys.path.insert(0, os.path.join(ROOT, "configs"))
   import fashion_mnist_lenet  # pylint: disable=import-outside-toplevel
   config = fashion_mnist_lenet.get_config()
+  config.lock()  # a misspelt field is an error, not a new field
   for key, value in {**BUDGET, **overrides, "seed": seed, **fields}.items():
-    node, *rest = key.split(".")
-    target = config
-    for part in [node, *rest][:-1]:
-      target = target[part]
+    *parents, leaf = key.split(".")
     try:
-      target[key.split(".")[-1]] = value
+      target = config
+      for part in parents:
+        target = target[part]
+      target[leaf] = value
     except (KeyError, AttributeError, TypeError) as e:
       raise SystemExit(f"error: cannot set config.{key}={value!r}: {e}") from None
   return config

@@ -1,0 +1,54 @@
+"""benchmarks/reference_budget.py: the budget it sets, its overrides, and the table it prints."""
+import os
+import statistics
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import reference_budget as rb  # noqa: E402
+
+from admm_jax import configlib  # noqa: E402
+
+
+def test_config_is_the_budget_plus_overrides_and_validates():
+  config = rb.make_config(2, rb.parse_overrides(["admm.rho=0.001", "retrain.schedule=cosine"]),
+                          stages="admm,retrain", sparsity=rb.SCHEMES["filter"])
+  configlib.validate(config)
+  assert config.seed == 2 and config.model.width == 4 and config.data.limit_train == 20000
+  assert (config.attack.steps, config.attack.step_size, config.attack.eps) == (10, 0.01, 0.1)
+  assert (config.attack.eval_steps, config.attack.eval_step_size) == (10, 0.01)
+  assert config.pretrain.epochs == config.admm.epochs == config.retrain.epochs == 2
+  assert config.admm.rho == 0.001 and config.retrain.schedule == "cosine"
+  assert config.sparsity == rb.SCHEMES["filter"]
+
+
+def test_bad_override_is_one_sentence():
+  with pytest.raises(SystemExit, match="not field=value"):
+    rb.parse_overrides(["admm.rho"])
+  with pytest.raises(SystemExit, match="cannot set config.admm.nope"):
+    rb.make_config(0, {"admm.nope": 1})
+
+
+def _report(nat, adv, pruned, compression=77.0):
+  stage = {"natural_accuracy": nat, "adversarial_accuracy": adv,
+           "val_natural_accuracy": nat, "val_adversarial_accuracy": adv}
+  return {"stages": {"pretrain": stage,
+                     "admm": dict(stage, admm={"relative_primal_residual": {"a": 0.2, "b": 0.05}}),
+                     "retrain": dict(stage, after_hard_prune_test_natural_accuracy=pruned,
+                                     after_hard_prune_test_adversarial_accuracy=pruned,
+                                     after_hard_prune_val_natural_accuracy=pruned,
+                                     after_hard_prune_val_adversarial_accuracy=pruned)},
+          "sparsity": {"compression": compression}, "_wall_time_s": 100.0}
+
+
+def test_collect_takes_mean_and_spread_over_seeds_and_the_table_shows_the_reference():
+  reports = [_report(0.70, 0.60, 0.30), _report(0.72, 0.64, 0.40), _report(0.74, 0.62, 0.50)]
+  summary = rb.collect({"irregular": reports}, reports)
+  mean, std = summary["irregular"]["retrain"]["adversarial"]
+  assert mean == pytest.approx(62.0) and std == pytest.approx(statistics.stdev([60, 64, 62]))
+  assert summary["irregular"]["after_hard_prune"]["natural"][0] == pytest.approx(40.0)
+  assert summary["irregular"]["admm_max_relative_residual"][0] == pytest.approx(0.2)
+  text = rb.table(summary, [0, 1, 2])
+  assert "68.67 +- 0.74" in text and "62.00 +-" in text and "hard-pruned" in text
+  assert "32.07" in text  # the reference's accuracy right after hard pruning
