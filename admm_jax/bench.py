@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from admm_jax import data, models, opprofile, sparsity, train, transforms
-from admm_jax.models import layers
+from admm_jax.kernels import malloc
 
 EPS, STEP_SIZE = 0.3, 0.01        # MNIST-style Linf attack, as in the issue
 LR, MOMENTUM, RHO, PRUNE = 0.01, 0.9, 1e-3, 0.8
@@ -146,7 +146,7 @@ def matmul_peak_gflops(n: int | None = None, seconds: float = 1.0) -> float:
 # ----------------------------------------------------------------------------- the jax side
 
 def _model(case: Case):
-  return models.get_model(case.model, case.width)
+  return models.get_model(case.model, case.width, conv_impl="auto")
 
 
 def _batch(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
@@ -222,7 +222,7 @@ class JaxStep:
     pass.
     """
     case = self.case
-    model = self.model.clone(conv_impl="xla")
+    model = self.model.clone(conv=models.conv_module("xla"))
     no_attack = jax.jit(functools.partial(train.train_step, model=model, tx=self.tx,
                                           attack=train.Attack("none")))
     base = no_attack.lower(self.state, self.batch, self.key).compile().cost_analysis()["flops"]
@@ -441,7 +441,7 @@ def machine_info(threads: int) -> dict[str, Any]:
   """Where the numbers come from."""
   info = {"cpu_count": os.cpu_count(), "threads": threads, "platform": platform.platform(),
           "python": platform.python_version(), "jax": jax.__version__,
-          "backend": jax.default_backend(), "malloc_tuned": layers.tune_malloc_for_cpu()}
+          "backend": jax.default_backend(), "malloc_tuned": malloc.tune_malloc_for_cpu()}
   try:
     with open("/proc/cpuinfo") as f:
       info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
@@ -533,9 +533,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     device_name = "cpu"
   log = (lambda s: print(s, file=sys.stderr, flush=True))
   if jax.default_backend() == "cpu":
-    # What the im2col path does at its first trace, done first so that both sides of every
-    # pair run under the same malloc settings.
-    layers.tune_malloc_for_cpu()
+    # What the CLI does, done first so that both sides of every pair run under the same
+    # malloc settings.
+    malloc.tune_malloc_for_cpu()
   peak = matmul_peak_gflops()
   log(f"float32 matmul peak: {peak:.1f} GFLOP/s on {threads} thread(s); "
       f"load average {os.getloadavg()[0]:.2f}")

@@ -24,7 +24,7 @@ from admm_jax import models, parallel, sparsity, train, transforms
 
 def _step_setup(rt: parallel.Runtime, width: int, batch: int, pgd_steps: int, stage: str):
   """(jitted step, state, global batch) for one mesh; the state is replicated on it."""
-  model = models.get_model("lenet", width)
+  model = models.get_model("lenet", width, conv_impl="auto")
   variables = train.init_variables(model, jax.random.key(0), (28, 28, 1))
   if stage == "admm":
     spec = sparsity.spec({"conv1/kernel": ("irregular", 0.8), "conv2/kernel": ("irregular", 0.9),

@@ -13,7 +13,7 @@ import re
 import ml_collections
 
 from admm_jax import projections
-from admm_jax.models.layers import CONV_IMPLS
+from admm_jax.kernels import CONV_IMPLS
 
 STAGE_ORDER = ("pretrain", "admm", "retrain", "scratch")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -188,7 +188,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive_int(config, "model.width")
   if config.model.conv_impl not in CONV_IMPLS:
     _fail("model.conv_impl", config.model.conv_impl,
-          f"use one of {', '.join(CONV_IMPLS)} (see admm_jax.models.layers.cpu_conv_impl)")
+          f"use one of {', '.join(CONV_IMPLS)} (see admm_jax.models.conv_module)")
   if config.attack.kind not in ("pgd", "fgsm", "none"):
     _fail("attack.kind", config.attack.kind, "use 'pgd', 'fgsm' or 'none'")
   _number(config, "attack.eps", 0.0, 1.0)

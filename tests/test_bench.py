@@ -54,7 +54,7 @@ def test_flops_are_the_models_nominal_count_whatever_conv_impl_runs():
   case = bench.Case("lenet", 8, 1, 8)
   step = bench.JaxStep(case)
   nominal = step.flops()
-  step.model = step.model.clone(conv_impl="im2col")
+  step.model = step.model.clone(conv=models.conv_module("im2col"))
   assert step.flops() == nominal
   conv2_macs = 14 * 14 * 5 * 5 * 16 * 32
   assert nominal >= 2 * conv2_macs * (3 + 2 * case.steps) * case.batch

@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from admm_jax import configlib, pipeline
+from admm_jax import configlib, models, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_lenet.py")
@@ -230,4 +230,4 @@ def test_model_takes_the_configs_conv_impl():
   configlib.validate(config)
   ctx = types.SimpleNamespace(config=config, dataset=types.SimpleNamespace(num_classes=10))
   model = pipeline.Context.model(ctx, 3)
-  assert (model.width, model.conv_impl) == (3, "xla")
+  assert (model.width, model.conv) == (3, models.conv_module("xla"))
