@@ -1,8 +1,8 @@
 """Opt-in glibc malloc settings for the CPU convolutions (a process-wide change).
 
 Nothing in the library calls this: the command line (`python -m admm_jax.main`, flag
-`--tune_malloc`, on by default there) and the benchmarks (`--no-malloc-tuning` turns it
-off) do, before the first step.
+`--tune_malloc`, on by default there) and the benchmarks (`benchmarks/bench.py`,
+`benchmarks/bench_scaling.py`; `--no-malloc-tuning` turns it off) do, before the first step.
 """
 import ctypes
 import ctypes.util
@@ -45,3 +45,8 @@ def tune_malloc_for_cpu() -> bool:
       except (OSError, AttributeError):  # Not glibc (musl, ...): leave malloc alone.
         _malloc_tuned = False
   return _malloc_tuned
+
+
+def is_tuned() -> bool:
+  """Whether `tune_malloc_for_cpu` has changed malloc's settings in this process."""
+  return bool(_malloc_tuned)
