@@ -69,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.batch_size = 64            # global batch
   c.eval_batch_size = 500
-  c.sparsity = "conv1/kernel=irregular:0.8,conv2/kernel=irregular:0.9,fc1/kernel=irregular:0.98,fc2/kernel=irregular:0.9"
+  c.sparsity = ("conv1/kernel=irregular:0.8,conv2/kernel=irregular:0.9,"
+                "fc1/kernel=irregular:0.98,fc2/kernel=irregular:0.9")
 
   # Sized for ~10 minutes on 2 CPU cores; the paper's recipes are in configs/mnist_lenet.py etc.
   c.pretrain = _stage(3, "adam", 1e-3)
@@ -117,7 +118,8 @@ def cifar10_recipe(model: str, conv_pattern: str, arg: str | None) -> ml_collect
 
 
 def parse_sparsity(text: str) -> dict[str, tuple[str, float | None]]:
-  """'pattern=kind:ratio,...' -> {pattern: (kind, ratio)}; N:M kinds have no ratio ('fc1/kernel=2:4')."""
+  """'pattern=kind:ratio,...' -> {pattern: (kind, ratio)}; N:M kinds have no ratio
+  ('fc1/kernel=2:4')."""
   out = {}
   for item in filter(None, (s.strip() for s in text.split(","))):
     pattern, sep, rule = item.rpartition("=")
@@ -159,7 +161,8 @@ def _number(config, field: str, lo: float, hi: float, lo_open=False, hi_open=Fal
   ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
   ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
   if not ok:
-    _fail(field, value, f"use a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+    _fail(field, value,
+          f"use a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -167,7 +170,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   names = stages(config)
   for s in names:
     if s not in STAGE_ORDER:
-      _fail("stages", config.stages, f"stages are a comma-separated subset of {','.join(STAGE_ORDER)}")
+      _fail("stages", config.stages,
+            f"stages are a comma-separated subset of {','.join(STAGE_ORDER)}")
   if not names:
     _fail("stages", config.stages, "name at least one stage")
   order = [STAGE_ORDER.index(s) for s in names]

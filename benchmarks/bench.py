@@ -460,7 +460,8 @@ def machine_info(threads: int) -> dict[str, Any]:
           "backend": jax.default_backend(), "malloc_tuned": malloc.is_tuned()}
   try:
     with open("/proc/cpuinfo") as f:
-      info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+      info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
   except (OSError, StopIteration):
     info["cpu"] = platform.processor()
   try:

@@ -89,8 +89,9 @@ def test_conv_impls_match_lax_values_and_gradients(impl, x_shape, kernel_shape, 
 
 @pytest.mark.parametrize("impl", ["im2col", "hybrid", "fft", "toeplitz"])
 def test_conv_forward_mode_and_input_only_gradient(impl):
-  # Forward mode works (im2col and hybrid are custom_jvps, not custom_vjps) and equals lax's; a gradient
-  # with respect to the input alone (the PGD case: the kernel's tangent is a symbolic zero) too.
+  # Forward mode works (im2col and hybrid are custom_jvps, not custom_vjps) and equals lax's; a
+  # gradient with respect to the input alone (the PGD case: the kernel's tangent is a symbolic
+  # zero) too.
   conv_impl = getattr(cpu_conv, f"conv2d_{impl}")
   rng = np.random.default_rng(2)
   x = rng.standard_normal((2, 6, 6, 3), np.float32)

@@ -167,7 +167,8 @@ def _tree_digest(path):
     ("--config.batch_size=0", "config.batch_size=0 is invalid"),
     ("--config.data.dir=/no/such/dir", "data.dir '/no/such/dir' does not exist"),
     ("--config.model.width=abc", "--config.model.width=abc"),
-    ("--config.sparsity=nothing/kernel=filter:0.5", "pattern 'nothing/kernel' matches no parameter"),
+    ("--config.sparsity=nothing/kernel=filter:0.5",
+     "pattern 'nothing/kernel' matches no parameter"),
 ])
 def test_bad_input_is_one_sentence_exit_2_and_loses_nothing(finished_run, flag, expected):
   workdir, _, _ = finished_run
@@ -193,7 +194,7 @@ def test_unwritable_workdir_is_one_sentence(tmp_path):
 
 def test_stage_starts_from_another_runs_output(finished_run, tmp_path):
   workdir, report, _ = finished_run
-  proc = _run(tmp_path / "from_other", "--config.stages=retrain", f"--config.init_from={workdir}")
+  _run(tmp_path / "from_other", "--config.stages=retrain", f"--config.init_from={workdir}")
   with open(tmp_path / "from_other" / "report.json") as f:
     again = json.load(f)
   assert list(again["stages"]) == ["retrain"]
