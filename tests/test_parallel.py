@@ -114,7 +114,7 @@ def test_one_process_helpers_are_identity():
 
 
 def _admm_setup():
-  model = models.get_model("lenet", 1)
+  model = models.get_model("lenet", 1, conv_impl="auto")  # the CLI's CPU kernels
   spec = sparsity.spec({"conv2/kernel": ("irregular", 0.5), "fc1/kernel": ("irregular", 0.8)})
   tx = optax.chain(transforms.admm(spec, rho=1e-2, update_every=2, rho_growth=1.5),
                    optax.sgd(0.05, momentum=0.9))
