@@ -213,11 +213,18 @@ def test_tiny_run_on_8_devices_matches_1_device(tmp_path):
   for a, b in zip(lines["one"], lines["eight"]):
     assert a["train_adversarial_loss"] == pytest.approx(b["train_adversarial_loss"], rel=1e-3)
     assert abs(a["train_adversarial_accuracy"] - b["train_adversarial_accuracy"]) <= 4 / 512
-  # Sparsity is exact: each projection keeps a fixed count of weights, whatever their values.
-  assert one["sparsity"]["nonzero_params"] == eight["sparsity"]["nonzero_params"]
+  # The pruning is exact: each projection removes a fixed count of groups, whatever their
+  # values. The count of nonzero parameters is not: it also counts what training left at
+  # exactly 0, e.g. the bias of a ReLU unit that died on one side only (on some CPUs:
+  # 1378 vs 1376), so it is bounded.
   for path, layer in one["sparsity"]["layers"].items():
-    assert layer["achieved"] == eight["sparsity"]["layers"][path]["achieved"], path
+    other = eight["sparsity"]["layers"][path]
+    assert (layer["groups"], layer["groups_pruned"]) == (other["groups"], other["groups_pruned"]), \
+        path
+    assert layer["achieved"] == other["achieved"], path
     assert abs(layer["achieved"] - layer["target"]) < 0.01
+  nonzero = one["sparsity"]["nonzero_params"], eight["sparsity"]["nonzero_params"]
+  assert abs(nonzero[0] - nonzero[1]) <= 0.01 * max(nonzero), nonzero
 
 
 # ------------------------------------------------ end to end: 2 processes == 1 process
