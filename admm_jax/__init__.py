@@ -7,7 +7,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("attacks", "projections", "sparsity", "transforms", "models", "data",
-               "train", "pipeline", "checkpoint", "parallel", "losses")
+               "train", "pipeline", "checkpoint", "parallel", "configlib", "kernels")
 
 
 def __getattr__(name):

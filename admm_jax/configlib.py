@@ -13,7 +13,7 @@ import re
 import ml_collections
 
 from admm_jax import projections
-from admm_jax.models.layers import CONV_IMPLS
+from admm_jax.kernels import CONV_IMPLS
 
 STAGE_ORDER = ("pretrain", "admm", "retrain", "scratch")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -71,7 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.batch_size = 64            # global batch
   c.eval_batch_size = 500
-  c.sparsity = "conv1/kernel=irregular:0.8,conv2/kernel=irregular:0.9,fc1/kernel=irregular:0.98,fc2/kernel=irregular:0.9"
+  c.sparsity = ("conv1/kernel=irregular:0.8,conv2/kernel=irregular:0.9,"
+                "fc1/kernel=irregular:0.98,fc2/kernel=irregular:0.9")
 
   # Sized for ~10 minutes on 2 CPU cores; the paper's recipes are in configs/mnist_lenet.py etc.
   # The admm and retrain recipe was chosen on validation at the authors' own budget
@@ -123,7 +124,8 @@ def cifar10_recipe(model: str, conv_pattern: str, arg: str | None) -> ml_collect
 
 
 def parse_sparsity(text: str) -> dict[str, tuple[str, float | None]]:
-  """'pattern=kind:ratio,...' -> {pattern: (kind, ratio)}; N:M kinds have no ratio ('fc1/kernel=2:4')."""
+  """'pattern=kind:ratio,...' -> {pattern: (kind, ratio)}; N:M kinds have no ratio
+  ('fc1/kernel=2:4')."""
   out = {}
   for item in filter(None, (s.strip() for s in text.split(","))):
     pattern, sep, rule = item.rpartition("=")
@@ -165,7 +167,8 @@ def _number(config, field: str, lo: float, hi: float, lo_open=False, hi_open=Fal
   ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
   ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
   if not ok:
-    _fail(field, value, f"use a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+    _fail(field, value,
+          f"use a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -173,7 +176,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   names = stages(config)
   for s in names:
     if s not in STAGE_ORDER:
-      _fail("stages", config.stages, f"stages are a comma-separated subset of {','.join(STAGE_ORDER)}")
+      _fail("stages", config.stages,
+            f"stages are a comma-separated subset of {','.join(STAGE_ORDER)}")
   if not names:
     _fail("stages", config.stages, "name at least one stage")
   order = [STAGE_ORDER.index(s) for s in names]
@@ -195,7 +199,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive_int(config, "model.width")
   if config.model.conv_impl not in CONV_IMPLS:
     _fail("model.conv_impl", config.model.conv_impl,
-          f"use one of {', '.join(CONV_IMPLS)} (see admm_jax.models.layers.cpu_conv_impl)")
+          f"use one of {', '.join(CONV_IMPLS)} (see admm_jax.models.conv_module)")
   if config.attack.kind not in ("pgd", "fgsm", "none"):
     _fail("attack.kind", config.attack.kind, "use 'pgd', 'fgsm' or 'none'")
   _number(config, "attack.eps", 0.0, 1.0)

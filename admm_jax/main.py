@@ -2,6 +2,11 @@
 
 Every config field can be overridden: --config.model.width=8 --config.attack.eps=0.2.
 Running the same command again resumes the run in --workdir.
+
+On the CPU backend with the CPU convolutions (`config.model.conv_impl` other than "xla"),
+the command line tunes glibc malloc for the whole process before the first step
+(`admm_jax.kernels.malloc.tune_malloc_for_cpu`: +3-12 % examples/s, up to ~1 GB of freed
+memory kept for reuse); `--notune_malloc` (or any MALLOC_*_ variable) leaves malloc alone.
 """
 import logging
 import os
@@ -14,7 +19,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, metrics and "
                                "report.json go; rerun with the same workdir to resume.")
-
+_TUNE_MALLOC = flags.DEFINE_bool(
+    "tune_malloc", True, "On the CPU backend with CPU convolutions (model.conv_impl other "
+    "than xla), keep freed XLA buffers in glibc's heap (faster steps, up to ~1 GB of freed "
+    "memory kept); --notune_malloc leaves malloc alone.")
 
 
 def _user_errors():
@@ -22,6 +30,15 @@ def _user_errors():
   from admm_jax import checkpoint, configlib, data, parallel, pipeline
   return (configlib.ConfigError, data.DataError, pipeline.WorkdirError,
           checkpoint.CheckpointError, parallel.ParallelError)
+
+
+def _tune_malloc(config) -> None:
+  """The CLI's explicit opt-in to `kernels.malloc.tune_malloc_for_cpu` (see the docstring)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if config.model.conv_impl != "xla" and jax.default_backend() == "cpu":
+    from admm_jax.kernels import malloc  # pylint: disable=import-outside-toplevel
+    if malloc.tune_malloc_for_cpu():
+      logging.info("glibc malloc tuned for the CPU convolutions (--notune_malloc to skip)")
 
 
 def main(argv):
@@ -36,6 +53,8 @@ def main(argv):
     if config.parallel.distributed:  # before any other jax call
       parallel.initialize_distributed(config.parallel.coordinator_address,
                                       config.parallel.num_processes, config.parallel.process_id)
+    if _TUNE_MALLOC.value:
+      _tune_malloc(config)
     from admm_jax import pipeline
     report = pipeline.train_and_evaluate(config, _WORKDIR.value)
   except _user_errors() as e:

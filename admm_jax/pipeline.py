@@ -333,7 +333,8 @@ def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
   while step < total_steps:
     epoch, start = divmod(step, spe)
     batches = data.epoch_batches(
-        ctx.dataset.train, cfg.batch_size, seed=cfg.seed * 1000 + configlib.STAGE_ORDER.index(stage),
+        ctx.dataset.train, cfg.batch_size,
+        seed=cfg.seed * 1000 + configlib.STAGE_ORDER.index(stage),
         epoch=epoch, augment=cfg.data.augment, start_batch=start,
         process_index=jax.process_index(), process_count=jax.process_count())
     state, metrics = carry["train"], carry["epoch_metrics"]
@@ -349,7 +350,8 @@ def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
           eta = (total_steps - step) * (now - t_resume) / max(step - step_resume, 1)
           logging.info("%s epoch %d/%d step %d/%d | %.0f ex/s | ETA %s | adv loss %.4f acc %.4f",
                        stage, epoch + 1, epochs, step, total_steps, rate, _fmt_time(eta),
-                       host["loss"] / max(host["count"], 1), host["correct"] / max(host["count"], 1))
+                       host["loss"] / max(host["count"], 1),
+                       host["correct"] / max(host["count"], 1))
           t_log, step_log = now, step
         if step % spe and step % cfg.checkpoint_every_steps == 0:
           # replicate: elapsed is a host value (process 0's wins); orbax saves global arrays.
@@ -486,10 +488,9 @@ def _report(ctx: Context, records: dict[str, dict]) -> dict[str, Any]:
       report["sparsity"] = {
           "stage": stage, "compression": sp["compression"], "total_params": sp["total_params"],
           "nonzero_params": sp["nonzero_params"],
-          "layers": {path: {"kind": l["kind"], "target": l["target"], "achieved": l["achieved"],
-                            "groups": l["groups"], "groups_pruned": l["groups_pruned"],
-                            "zero_fraction": l["zero_fraction"], "params": l["params"]}
-                     for path, l in sp["layers"].items()}}
+          "layers": {path: {k: layer[k] for k in ("kind", "target", "achieved", "groups",
+                                                  "groups_pruned", "zero_fraction", "params")}
+                     for path, layer in sp["layers"].items()}}
       break
   return report
 

@@ -114,8 +114,9 @@ def top_k_mask(scores: jax.Array, k: int) -> jax.Array:
   The entries are padded to a multiple of `_ROW`. A count views them as (_ROW, rows) and
   adds the comparisons over the major axis, in int8 (each sum is at most _ROW): that is
   elementwise vector adds, where summing each run of _ROW consecutive entries made XLA:CPU
-  reduce row by row (2-3x slower; a count does not care about the order). Ties cost one more pass: only the row where the free slots run out needs a
-  prefix count, not the whole vector (a full cumsum took as long as the bisection).
+  reduce row by row (2-3x slower; a count does not care about the order). Ties cost one more
+  pass: only the row where the free slots run out needs a prefix count, not the whole vector
+  (a full cumsum took as long as the bisection).
   """
   n = scores.shape[0]
   if k >= n:

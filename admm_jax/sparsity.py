@@ -127,7 +127,8 @@ def rules_tree(params: Params, the_spec: SparsitySpec) -> Params:
 def resolve(params: Params, the_spec: SparsitySpec) -> dict[str, Rule]:
   """{path: Rule} for every pruned leaf of `params` (see `rules_tree` for the errors)."""
   tree = rules_tree(params, the_spec)
-  flat = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None or isinstance(x, Rule))
+  flat = jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=lambda x: x is None or isinstance(x, Rule))
   return {path_str(p): r for p, r in flat if r is not None}
 
 

@@ -82,8 +82,16 @@ def _apply(model: nn.Module, params: Any, batch_stats: Any, x: jax.Array, train:
   return logits, updated["batch_stats"]
 
 
-def _logits_fn(model: nn.Module, batch_stats: Any, train: bool) -> Callable:
-  """(params, x) -> logits, for the attacks; in train mode the stats update is discarded."""
+def logits_fn(model: nn.Module, batch_stats: Any, train: bool) -> Callable:
+  """The `apply_fn(params, x) -> logits` that the attacks take, for a model with or without
+  BatchNorm.
+
+  Args:
+    model: the flax module.
+    batch_stats: its BatchNorm statistics ({} for a model without BatchNorm).
+    train: BatchNorm on batch statistics (train mode; their update is discarded) or on the
+      running averages `batch_stats` (eval mode).
+  """
   return lambda p, x: _apply(model, p, batch_stats, x, train)[0]
 
 
@@ -105,7 +113,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   """
   x, y = batch["image"], batch["label"]
   step_key = jax.random.fold_in(key, state.step)
-  x_adv = attack(_logits_fn(model, state.batch_stats, train=True), state.params, x, y, step_key)
+  x_adv = attack(logits_fn(model, state.batch_stats, train=True), state.params, x, y, step_key)
 
   def loss_fn(params):
     logits, new_stats = _apply(model, params, state.batch_stats, x_adv, train=True)
@@ -130,7 +138,7 @@ def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], key: j
   """
   x, y = batch["image"], batch["label"]
   mask = batch.get("mask", jnp.ones(y.shape, bool))
-  apply_fn = _logits_fn(model, batch_stats, train=False)
+  apply_fn = logits_fn(model, batch_stats, train=False)
   natural = jnp.argmax(apply_fn(params, x), -1) == y
   x_adv = attack(apply_fn, params, x, y, key)
   adversarial = jnp.argmax(apply_fn(params, x_adv), -1) == y

@@ -200,8 +200,9 @@ def _check_mask_structure(stored: Params, params: Params) -> None:
   hint = ("apply_masks: masks must have the params' structure, a bool mask of the leaf's shape "
           "per pruned leaf and None elsewhere (as returned by sparsity.hard_prune)")
   try:
-    pairs = jax.tree.leaves(jax.tree.map(lambda m, w: (m, w), stored, params, is_leaf=_is_node_leaf),
-                            is_leaf=lambda x: isinstance(x, tuple))
+    pairs = jax.tree.leaves(
+        jax.tree.map(lambda m, w: (m, w), stored, params, is_leaf=_is_node_leaf),
+        is_leaf=lambda x: isinstance(x, tuple))
   except ValueError as e:
     raise ValueError(f"{hint}; structure differs: {e}") from None
   for m, w in pairs:

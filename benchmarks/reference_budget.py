@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="override a config field on top of the budget (repeatable)")
   parser.add_argument("--json", action="store_true", help="print summary.json instead of a table")
   parser.add_argument("--quiet", action="store_true", help="no per-step training log")
+  parser.add_argument("--no-malloc-tuning", action="store_true",
+                      help="leave glibc malloc alone (the CLI's --notune_malloc)")
   args = parser.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
   schemes = [s for s in args.schemes.split(",") if s.strip()]
@@ -212,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
   for noisy in ("absl", "jax._src", "orbax", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   workdir = os.path.abspath(args.workdir)
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() == "cpu" and not args.no_malloc_tuning:
+    from admm_jax.kernels import malloc  # pylint: disable=import-outside-toplevel
+    malloc.tune_malloc_for_cpu()  # as the command line does, so the wall times compare
 
   pretrain, cells = [], {s: [] for s in schemes}
   for seed in seeds:

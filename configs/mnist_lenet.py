@@ -1,11 +1,13 @@
-"""MNIST, LeNet(w=16): the paper's MNIST recipe (PAPER.md sections 2, 4, 6). Needs TFDS with network.
+"""MNIST, LeNet(w=16): the paper's MNIST recipe (PAPER.md sections 2, 4, 6). Needs TFDS with
+network.
 
 Run (irregular pruning, the default):
   python -m admm_jax.main --config=configs/mnist_lenet.py --workdir=runs/mnist_irregular
 Filter pruning:  --config=configs/mnist_lenet.py:filter
 Column pruning:  --config=configs/mnist_lenet.py:column
 Offline, from local MNIST IDX files: --config.data.dir=/path/to/mnist
-Width study: --config.model.width=1 (2, 4, 8, 16); pruned-vs-scratch: --config.stages=pretrain,admm,retrain,scratch
+Width study: --config.model.width=1 (2, 4, 8, 16);
+pruned-vs-scratch: --config.stages=pretrain,admm,retrain,scratch
 
 Deviations from the reference configs, on purpose: pretrain uses Adam lr 1e-3 (the reference's
 lr 0.1 stays at chance), retrain starts its Adam lr 0.01 with a quarter-epoch warmup (a

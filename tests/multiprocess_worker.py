@@ -51,7 +51,7 @@ def main() -> int:
   from admm_jax import checkpoint, data, models, sparsity, train, transforms
 
   rt = parallel.make_runtime(0)
-  model = models.get_model("lenet", 1)
+  model = models.get_model("lenet", 1, conv_impl="auto")  # the CLI's CPU kernels
   spec = sparsity.spec({"conv2/kernel": ("irregular", 0.5), "fc1/kernel": ("irregular", 0.8)})
   tx = optax.chain(transforms.admm(spec, rho=1e-2, update_every=2, rho_growth=1.5),
                    optax.sgd(0.05, momentum=0.9))

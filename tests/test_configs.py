@@ -31,7 +31,8 @@ def test_config_validates_and_sparsity_matches_model(name, arg):
   shape = {"cifar10": (32, 32, 3)}.get(config.data.name, (28, 28, 1))
   model = models.get_model(config.model.name, config.model.width)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1,) + shape)))
-  rules = sparsity.resolve(params["params"], sparsity.spec(configlib.parse_sparsity(config.sparsity)))
+  the_spec = sparsity.spec(configlib.parse_sparsity(config.sparsity))
+  rules = sparsity.resolve(params["params"], the_spec)
   if EXPECTED_PRUNED[config.model.name]:
     assert len(rules) == EXPECTED_PRUNED[config.model.name]
 

@@ -53,7 +53,8 @@ def _flag(cmd: list[str], name: str) -> str:
 TPU_ARGS = ["--name=admm-test", "--zone=us-central2-b", "--accelerator-type=v4-32",
             "--version=tpu-ubuntu2204-base", "--project=my-project", f"--config={CONFIG}:tiny",
             "--workdir=/mnt/shared/run1", "--out=reports/run1", "--dry-run", "--",
-            "--config.model.width=8", "--config.sparsity=conv1/kernel=filter:0.5,fc1/kernel=irregular:0.9"]
+            "--config.model.width=8",
+            "--config.sparsity=conv1/kernel=filter:0.5,fc1/kernel=irregular:0.9"]
 
 
 def test_tpu_vm_dry_run_prints_create_install_run_fetch_delete():
@@ -73,7 +74,8 @@ def test_tpu_vm_dry_run_prints_create_install_run_fetch_delete():
   assert copy == gcloud + ["scp", tar[2], "admm-test:admm_jax.tar.gz", *where, "--worker=all"]
   assert install[:5] == gcloud + ["ssh"] and install[5] == "admm-test" and "--worker=all" in install
   remote = _flag(install, "--command")
-  assert "tar -xzf admm_jax.tar.gz" in remote and "apt-get install -y -q dataset-fashion-mnist" in remote
+  assert "tar -xzf admm_jax.tar.gz" in remote
+  assert "apt-get install -y -q dataset-fashion-mnist" in remote
   assert "pip install -q \"./admm_jax_src[tpu]\"" in remote
 
   (run,) = steps["run"]
@@ -130,14 +132,16 @@ def test_tpu_vm_multi_host_slice_with_local_workdir_warns():
 
 
 @pytest.mark.parametrize("args,message", [
-    ([f"--zone=z", f"--config={CONFIG}"], "--name is required"),
-    (["--name=Bad_Name", "--zone=z", f"--config={CONFIG}"], "--name='Bad_Name' is not a valid TPU name"),
+    (["--zone=z", f"--config={CONFIG}"], "--name is required"),
+    (["--name=Bad_Name", "--zone=z", f"--config={CONFIG}"],
+     "--name='Bad_Name' is not a valid TPU name"),
     (["--name=t", f"--config={CONFIG}"], "--zone is required"),
     (["--name=t", "--zone=z"], "--config is required"),
     (["--name=t", "--zone=z", "--config=configs/nope.py"], "configs/nope.py is not a file"),
     (["--name=t", "--zone=z", f"--config={CONFIG}", "--accelerator-type=v4"],
      "--accelerator-type='v4' is not TYPE-SIZE"),
-    (["--name=t", "--zone=z", f"--config={CONFIG}", "--steps=create,launch"], "unknown step 'launch'"),
+    (["--name=t", "--zone=z", f"--config={CONFIG}", "--steps=create,launch"],
+     "unknown step 'launch'"),
     (["--name=t", "--zone=z", f"--config={CONFIG}", "--zone", "z2"], "unknown argument '--zone'"),
     (["--name=t", "--zone=z", f"--config={CONFIG}", "--", "model.width=3"],
      "override 'model.width=3' after -- is not a --config.FIELD=VALUE flag"),
@@ -173,8 +177,8 @@ def test_local_gpus_one_process_drives_all_gpus():
   proc = _run(LOCAL_GPUS, f"--config={CONFIG}", "--gpus=0,1,2,3", "--python=/opt/venv/bin/python",
               "--workdir=/tmp/r", "--dry-run", "--", "--config.batch_size=256")
   assert _commands(proc.stdout) == [["env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "/opt/venv/bin/python",
-                                     "-m", "admm_jax.main", f"--config={CONFIG}", "--workdir=/tmp/r",
-                                     "--config.batch_size=256"]]
+                                     "-m", "admm_jax.main", f"--config={CONFIG}",
+                                     "--workdir=/tmp/r", "--config.batch_size=256"]]
 
 
 def test_local_gpus_processes_split_gpus_and_share_one_coordinator():
@@ -197,13 +201,15 @@ def test_local_gpus_cpu_rehearsal_forces_host_devices():
   proc = _run(LOCAL_GPUS, f"--config={CONFIG}", "--cpu-devices=4", "--processes=2", "--dry-run")
   assert proc.returncode == 0, proc.stderr
   for cmd in _commands(proc.stdout)[1:3]:
-    assert cmd[:3] == ["env", "JAX_PLATFORMS=cpu", "XLA_FLAGS=--xla_force_host_platform_device_count=4"]
+    assert cmd[:3] == ["env", "JAX_PLATFORMS=cpu",
+                       "XLA_FLAGS=--xla_force_host_platform_device_count=4"]
 
 
 @pytest.mark.parametrize("args,message", [
     ([], "--config is required"),
     (["--config=configs/nope.py"], "configs/nope.py is not a file"),
-    ([f"--config={CONFIG}", "--gpus=0,1,2", "--processes=2"], "--processes=2 does not divide the 3 GPUs"),
+    ([f"--config={CONFIG}", "--gpus=0,1,2", "--processes=2"],
+     "--processes=2 does not divide the 3 GPUs"),
     ([f"--config={CONFIG}", "--processes=0"], "--processes='0' must be a positive integer"),
     ([f"--config={CONFIG}", "--gpus=a,b"], "--gpus='a,b' is not a comma-separated list"),
     ([f"--config={CONFIG}", "--port=99999"], "--port='99999' must be a port number"),

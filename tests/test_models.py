@@ -1,4 +1,6 @@
-"""Tests of admm_jax.models: fast layers equal their lax references; model shapes and names."""
+"""Tests of admm_jax.models: pooling and normalisation layers; model shapes and names.
+
+The CPU convolutions are tested in test_cpu_conv.py."""
 import re
 
 import chex
@@ -40,191 +42,6 @@ def _random_variables(model: nn.Module, shape: tuple[int, ...], seed: int = 0):
 
 
 # ---------------------------------------------------------------- layers
-
-
-_CONV_CASES = [  # x_shape, kernel_shape, strides, padding
-    ((2, 8, 8, 1), (5, 5, 1, 3), (1, 1), "SAME"),     # LeNet conv1-like, cin = 1
-    ((2, 6, 7, 3), (3, 3, 3, 4), (1, 1), "SAME"),     # odd sizes
-    ((2, 8, 8, 2), (3, 3, 2, 4), (2, 2), "SAME"),     # ResNet downsampling conv
-    ((2, 7, 7, 2), (3, 3, 2, 4), (2, 2), "SAME"),     # stride 2 on an odd map
-    ((2, 8, 8, 3), (1, 1, 3, 4), (2, 2), "SAME"),     # ResNet 1x1 shortcut
-    ((2, 6, 5, 2), (3, 2, 2, 3), (1, 2), ((1, 0), (2, 1))),
-    ((2, 6, 5, 2), (3, 2, 2, 3), (1, 1), ((1, 0), (2, 1))),  # asymmetric, non-square
-    ((2, 7, 6, 3), (3, 3, 3, 2), (1, 1), "VALID"),
-    ((2, 14, 14, 16), (5, 5, 16, 32), (1, 1), "SAME"),  # LeNet(8) conv2
-]
-
-
-def _assert_close_at_scale(got, want):
-  """allclose with the absolute tolerance scaled by the largest |want|.
-
-  A convolution output sums up to 400 products of size ~1; FFT round-off scales with the
-  largest output, not with each entry.
-  """
-  np.testing.assert_allclose(got, want, rtol=TOL["rtol"], atol=TOL["atol"] * np.abs(want).max())
-
-
-@pytest.mark.parametrize(
-    "impl, x_shape, kernel_shape, strides, padding",
-    [(impl, *case) for impl in ("im2col", "hybrid", "fft", "toeplitz") for case in _CONV_CASES
-     if impl != "fft" or case[2] == (1, 1)])  # fft convolves at stride 1 only (tested below)
-def test_conv_impls_match_lax_values_and_gradients(impl, x_shape, kernel_shape, strides,
-                                                   padding):
-  conv_impl = getattr(layers, f"conv2d_{impl}")
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal(x_shape, np.float32)
-  kernel = rng.standard_normal(kernel_shape, np.float32)
-  y_shape = jax.eval_shape(lambda x, k: layers.conv2d_xla(x, k, strides, padding), x, kernel)
-  cotangent = rng.standard_normal(y_shape.shape, np.float32)
-
-  @jax.jit  # one compilation instead of one per eager op
-  def values_and_grads(x, kernel, cotangent):
-    out = []
-    for conv in (conv_impl, layers.conv2d_xla):
-      y, vjp = jax.vjp(lambda x, k: conv(x, k, strides, padding), x, kernel)
-      out.append((y, *vjp(cotangent)))   # y, d/dx, d/dkernel
-    return out
-
-  got, want = values_and_grads(x, kernel, cotangent)
-  chex.assert_trees_all_equal_shapes(got, want)
-  for g, w in zip(got, want):
-    _assert_close_at_scale(g, w)
-
-
-@pytest.mark.parametrize("impl", ["im2col", "hybrid", "fft", "toeplitz"])
-def test_conv_forward_mode_and_input_only_gradient(impl):
-  # Forward mode works (im2col and hybrid are custom_jvps, not custom_vjps) and equals lax's; a gradient
-  # with respect to the input alone (the PGD case: the kernel's tangent is a symbolic zero) too.
-  conv_impl = getattr(layers, f"conv2d_{impl}")
-  rng = np.random.default_rng(2)
-  x = rng.standard_normal((2, 6, 6, 3), np.float32)
-  kernel = rng.standard_normal((3, 3, 3, 4), np.float32)
-  tx, tk = rng.standard_normal(x.shape, np.float32), rng.standard_normal(kernel.shape, np.float32)
-
-  @jax.jit
-  def derivatives(x, kernel, tx, tk):
-    out = []
-    for conv in (conv_impl, layers.conv2d_xla):
-      y, ty = jax.jvp(conv, (x, kernel), (tx, tk))
-      gx = jax.grad(lambda x: jnp.sum(jnp.sin(conv(x, lax.stop_gradient(kernel)))))(x)
-      out.append((y, ty, gx))
-    return out
-
-  got, want = derivatives(x, kernel, tx, tk)
-  for g, w in zip(got, want):
-    _assert_close_at_scale(g, w)
-
-
-def test_im2col_batch_chunk_rule():
-  mb = 1 << 20
-  assert layers.im2col_batch_chunk(128, mb // 64, devices=1) == 128   # 2 MB: whole
-  assert layers.im2col_batch_chunk(128, 590 * 1024, devices=1) == 4   # 74 MB: 4 x 2.3 MB
-  assert layers.im2col_batch_chunk(96, mb, devices=1) == 4            # divisors of 96 only
-  assert layers.im2col_batch_chunk(127, mb, devices=1) == 1           # a prime batch
-  assert layers.im2col_batch_chunk(128, 64 * mb, devices=1) == 1      # one example is too big
-  assert layers.im2col_batch_chunk(128, 590 * 1024, devices=8) == 128  # sharded batch: whole
-
-
-@pytest.mark.parametrize("impl", ["im2col", "hybrid"])
-@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
-def test_kernel_gradient_in_batch_chunks_matches_lax(impl, strides, monkeypatch):
-  # The kernel tangent (and so the kernel gradient) loops over batch chunks when the patch
-  # matrix is large; forced here to chunks of 2 out of 6 examples.
-  monkeypatch.setattr(layers, "im2col_batch_chunk", lambda batch, *_, **__: 2)
-  conv_impl = getattr(layers, f"conv2d_{impl}")
-  rng = np.random.default_rng(5)
-  x = rng.standard_normal((6, 8, 8, 3), np.float32)
-  kernel = rng.standard_normal((3, 3, 3, 4), np.float32)
-  tk = rng.standard_normal(kernel.shape, np.float32)
-  loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k, strides, "SAME")))
-  derivatives = jax.jit(lambda conv, x, k, tk: (jax.grad(loss(conv), (0, 1))(x, k),
-                                                jax.jvp(lambda k: conv(x, k, strides, "SAME"),
-                                                        (k,), (tk,))[1]),
-                        static_argnums=0)
-  got, want = derivatives(conv_impl, x, kernel, tk), derivatives(layers.conv2d_xla, x, kernel, tk)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    _assert_close_at_scale(g, w)
-  jaxpr = str(jax.make_jaxpr(jax.grad(loss(conv_impl), 1))(x, kernel))
-  assert "scan" in jaxpr or "while" in jaxpr, "the kernel gradient did not loop over chunks"
-
-
-@pytest.mark.parametrize("impl", ["im2col", "hybrid", "fft", "toeplitz"])
-def test_conv_impls_name_bad_shapes(impl):
-  conv = getattr(layers, f"conv2d_{impl}")
-  with pytest.raises(ValueError, match=r"conv input must be \(B, H, W, 3\)"):
-    conv(jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 3, 4)))
-  with pytest.raises(ValueError, match="does not fit"):
-    conv(jnp.zeros((1, 2, 2, 3)), jnp.zeros((5, 5, 3, 4)), (1, 1), "VALID")
-
-
-def test_fft_conv_rejects_strides_and_negative_padding():
-  x, kernel = jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 2, 4))
-  with pytest.raises(ValueError, match="stride"):
-    layers.conv2d_fft(x, kernel, (2, 2))
-  with pytest.raises(ValueError, match="padding"):
-    layers.conv2d_fft(x, kernel, (1, 1), ((-1, 0), (1, 1)))
-
-
-def test_xla_conv_matches_lax_directly():
-  rng = np.random.default_rng(1)
-  x = rng.standard_normal((2, 6, 6, 3), np.float32)
-  kernel = rng.standard_normal((3, 3, 3, 5), np.float32)
-  want = lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  np.testing.assert_array_equal(layers.conv2d_xla(x, kernel), want)
-
-
-@pytest.mark.parametrize("use_bias", [True, False])
-def test_conv_module_impls_share_params_and_agree(use_bias):
-  x = np.random.default_rng(0).standard_normal((2, 6, 6, 3), np.float32)
-  im2col = layers.Conv(4, (3, 3), use_bias=use_bias, impl="im2col")
-  xla = layers.Conv(4, (3, 3), use_bias=use_bias, impl="xla")
-  variables = _random_variables(im2col, x.shape)
-  want = {"kernel": (3, 3, 3, 4), "bias": (4,)} if use_bias else {"kernel": (3, 3, 3, 4)}
-  assert _paths(variables["params"]) == want
-  # Same parameter layout as flax.linen.Conv, so either can load the other's checkpoints.
-  flax_conv = nn.Conv(4, (3, 3), use_bias=use_bias)
-  assert _paths(_abstract_variables(flax_conv, x.shape)["params"]) == want
-  np.testing.assert_allclose(flax_conv.apply(variables, x), xla.apply(variables, x), **TOL)
-  np.testing.assert_allclose(im2col.apply(variables, x), xla.apply(variables, x), **TOL)
-
-
-def test_conv_impl_resolution():
-  assert layers.resolve_conv_impl("xla") == "xla"
-  assert layers.resolve_conv_impl("im2col") == "im2col"
-  assert layers.resolve_conv_impl("hybrid") == "hybrid"
-  assert layers.resolve_conv_impl("fft") == "fft"
-  assert layers.resolve_conv_impl("toeplitz") == "toeplitz"
-  expected = "im2col" if jax.default_backend() == "cpu" else "xla"
-  assert layers.resolve_conv_impl("auto") == expected
-  with pytest.raises(ValueError, match="impl"):
-    layers.resolve_conv_impl("winograd")
-
-
-@pytest.mark.parametrize(
-    "out_hw, kernel_shape, strides, want",
-    [
-        ((14, 14), (5, 5, 32, 64), (1, 1), "fft"),        # LeNet(16) conv2
-        ((14, 14), (5, 5, 16, 32), (1, 1), "fft"),        # LeNet(8) conv2
-        ((16, 16), (3, 3, 32, 32), (1, 1), "fft"),        # VGG16(4) conv4
-        ((8, 8), (3, 3, 64, 64), (1, 1), "fft"),
-        ((14, 14), (5, 5, 8, 16), (1, 1), "hybrid"),      # LeNet(4) conv2
-        ((32, 32), (3, 3, 16, 16), (1, 1), "hybrid"),     # VGG16(4) conv2
-        ((16, 16), (3, 3, 16, 32), (1, 1), "hybrid"),     # too few products for fft
-        ((28, 28), (5, 5, 1, 8), (1, 1), "toeplitz"),     # LeNet(4) conv1
-        ((28, 28), (5, 5, 1, 2), (1, 1), "toeplitz"),     # LeNet(1) conv1
-        ((14, 14), (5, 5, 2, 4), (1, 1), "toeplitz"),     # LeNet(1) conv2
-        ((14, 14), (5, 5, 4, 8), (1, 1), "toeplitz"),     # LeNet(2) conv2
-        ((28, 28), (5, 5, 1, 16), (1, 1), "im2col"),      # cout > 8: the band gets costly
-        ((32, 32), (3, 3, 1, 8), (1, 1), "im2col"),       # 3x3 on a wide map: a sparse band
-        ((28, 28), (5, 5, 1, 32), (1, 1), "im2col"),      # cin < 8
-        ((4, 4), (3, 3, 128, 128), (1, 1), "im2col"),     # small maps
-        ((16, 16), (3, 3, 16, 32), (2, 2), "im2col"),     # strided
-        ((32, 32), (1, 1, 16, 16), (1, 1), "im2col"),     # 1x1: im2col is a plain matmul
-    ])
-def test_auto_conv_impl_per_layer_on_cpu(out_hw, kernel_shape, strides, want):
-  got = layers.cpu_conv_impl(out_hw, kernel_shape, strides)
-  assert got == want
 
 
 def test_max_pool_2x2_matches_flax_max_pool_values_and_gradients():
@@ -342,30 +159,9 @@ def test_lenet_ignores_train_flag_and_impls_agree(lenet1):
   model, variables, x = lenet1
   logits = model.apply(variables, x, train=False)
   np.testing.assert_array_equal(model.apply(variables, x, train=True), logits)
-  xla_logits = models.LeNet(width=1, conv_impl="xla").apply(variables, x)
-  np.testing.assert_allclose(xla_logits, logits, **TOL)
-
-
-def test_lenet4_auto_impl_uses_hybrid_conv2_and_matches_xla_with_input_gradients():
-  # LeNet(4)'s conv2 (14x14, 8 -> 16) is where "auto" picks the hybrid on CPU: the whole
-  # model's logits and PGD's input gradient must still match lax's convolutions.
-  if jax.default_backend() == "cpu":
-    assert layers.cpu_conv_impl((14, 14), (5, 5, 8, 16), (1, 1)) == "hybrid"
-  x = np.random.default_rng(0).random((2, 28, 28, 1), np.float32)
-  auto, xla = models.LeNet(width=4), models.LeNet(width=4, conv_impl="xla")
-  variables = _random_variables(auto, x.shape)
-
-  @jax.jit
-  def logits_and_input_grad(x):
-    out = []
-    for model in (auto, xla):
-      f = lambda x, model=model: model.apply(variables, x)
-      out.append((f(x), jax.grad(lambda x: jnp.sum(jax.nn.log_softmax(f(x))[:, 3]))(x)))
-    return out
-
-  got, want = logits_and_input_grad(x)
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  # The CPU convolutions ("auto": Toeplitz GEMMs for LeNet(1)) hold the same parameters.
+  cpu_logits = models.get_model("lenet", 1, conv_impl="auto").apply(variables, x)
+  np.testing.assert_allclose(cpu_logits, logits, **TOL)
 
 
 @pytest.mark.parametrize("width, in_channels, num_classes, expected", [
@@ -395,8 +191,9 @@ def test_lenet_input_normalisation_is_off_by_default_and_exact_when_on(lenet1):
 
 @pytest.fixture(scope="module")
 def vgg1():
-  # The xla conv compiles several times faster; im2col is pinned by the layer tests above.
-  model = models.VGG16(width=1, conv_impl="xla")
+  # flax's conv (the default) compiles several times faster; the CPU kernels are pinned by
+  # test_cpu_conv.py.
+  model = models.VGG16(width=1)
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 32, 32, 3)), jnp.float32)
   return model, _random_variables(model, x.shape), x
 
@@ -429,7 +226,7 @@ def test_vgg16_full_width_classifier_has_512_inputs():
 
 @pytest.fixture(scope="module")
 def resnet1():
-  model = models.ResNet18(width=1, conv_impl="xla")
+  model = models.ResNet18(width=1)
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 32, 32, 3)), jnp.float32)
   return model, _random_variables(model, x.shape), x
 
@@ -488,7 +285,8 @@ def test_batch_norm_models_update_stats_only_in_train_mode(fixture, request):
   assert all(jax.tree.leaves(changed))
   # Running mean after one step: momentum 0.9 on the old mean, 0.1 on the batch mean of the
   # stem conv's output (bn1 follows conv1 in both models).
-  conv1 = layers.conv2d_xla(x, variables["params"]["conv1"]["kernel"])
+  conv1 = lax.conv_general_dilated(x, variables["params"]["conv1"]["kernel"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
   want = 0.9 * variables["batch_stats"]["bn1"]["mean"] + 0.1 * conv1.mean(axis=(0, 1, 2))
   np.testing.assert_allclose(updates["batch_stats"]["bn1"]["mean"], want, **TOL)
   chex.assert_trees_all_equal(eval_updates["batch_stats"], variables["batch_stats"])
@@ -503,9 +301,9 @@ def test_batch_norm_models_update_stats_only_in_train_mode(fixture, request):
                                            ("vgg16", models.VGG16, True),
                                            ("resnet18", models.ResNet18, True)])
 def test_get_model_builds_by_name(name, cls, bn):
-  model = models.get_model(name, width=2, num_classes=7, conv_impl="xla")
+  model = models.get_model(name, width=2, num_classes=7)
   assert isinstance(model, cls)
-  assert (model.width, model.num_classes, model.conv_impl) == (2, 7, "xla")
+  assert (model.width, model.num_classes, model.conv) == (2, 7, nn.Conv)
   assert models.has_batch_norm(name) is bn
 
 

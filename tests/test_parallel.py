@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -115,7 +114,7 @@ def test_one_process_helpers_are_identity():
 
 
 def _admm_setup():
-  model = models.get_model("lenet", 1)
+  model = models.get_model("lenet", 1, conv_impl="auto")  # the CLI's CPU kernels
   spec = sparsity.spec({"conv2/kernel": ("irregular", 0.5), "fc1/kernel": ("irregular", 0.8)})
   tx = optax.chain(transforms.admm(spec, rho=1e-2, update_every=2, rho_growth=1.5),
                    optax.sgd(0.05, momentum=0.9))
@@ -214,11 +213,18 @@ def test_tiny_run_on_8_devices_matches_1_device(tmp_path):
   for a, b in zip(lines["one"], lines["eight"]):
     assert a["train_adversarial_loss"] == pytest.approx(b["train_adversarial_loss"], rel=1e-3)
     assert abs(a["train_adversarial_accuracy"] - b["train_adversarial_accuracy"]) <= 4 / 512
-  # Sparsity is exact: each projection keeps a fixed count of weights, whatever their values.
-  assert one["sparsity"]["nonzero_params"] == eight["sparsity"]["nonzero_params"]
+  # The pruning is exact: each projection removes a fixed count of groups, whatever their
+  # values. The count of nonzero parameters is not: it also counts what training left at
+  # exactly 0, e.g. the bias of a ReLU unit that died on one side only (on some CPUs:
+  # 1378 vs 1376), so it is bounded.
   for path, layer in one["sparsity"]["layers"].items():
-    assert layer["achieved"] == eight["sparsity"]["layers"][path]["achieved"], path
+    other = eight["sparsity"]["layers"][path]
+    assert (layer["groups"], layer["groups_pruned"]) == (other["groups"], other["groups_pruned"]), \
+        path
+    assert layer["achieved"] == other["achieved"], path
     assert abs(layer["achieved"] - layer["target"]) < 0.01
+  nonzero = one["sparsity"]["nonzero_params"], eight["sparsity"]["nonzero_params"]
+  assert abs(nonzero[0] - nonzero[1]) <= 0.01 * max(nonzero), nonzero
 
 
 # ------------------------------------------------ end to end: 2 processes == 1 process

@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from admm_jax import configlib, pipeline
+from admm_jax import configlib, models, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_lenet.py")
@@ -167,7 +167,8 @@ def _tree_digest(path):
     ("--config.batch_size=0", "config.batch_size=0 is invalid"),
     ("--config.data.dir=/no/such/dir", "data.dir '/no/such/dir' does not exist"),
     ("--config.model.width=abc", "--config.model.width=abc"),
-    ("--config.sparsity=nothing/kernel=filter:0.5", "pattern 'nothing/kernel' matches no parameter"),
+    ("--config.sparsity=nothing/kernel=filter:0.5",
+     "pattern 'nothing/kernel' matches no parameter"),
 ])
 def test_bad_input_is_one_sentence_exit_2_and_loses_nothing(finished_run, flag, expected):
   workdir, _, _ = finished_run
@@ -193,7 +194,7 @@ def test_unwritable_workdir_is_one_sentence(tmp_path):
 
 def test_stage_starts_from_another_runs_output(finished_run, tmp_path):
   workdir, report, _ = finished_run
-  proc = _run(tmp_path / "from_other", "--config.stages=retrain", f"--config.init_from={workdir}")
+  _run(tmp_path / "from_other", "--config.stages=retrain", f"--config.init_from={workdir}")
   with open(tmp_path / "from_other" / "report.json") as f:
     again = json.load(f)
   assert list(again["stages"]) == ["retrain"]
@@ -230,4 +231,4 @@ def test_model_takes_the_configs_conv_impl():
   configlib.validate(config)
   ctx = types.SimpleNamespace(config=config, dataset=types.SimpleNamespace(num_classes=10))
   model = pipeline.Context.model(ctx, 3)
-  assert (model.width, model.conv_impl) == (3, "xla")
+  assert (model.width, model.conv) == (3, models.conv_module("xla"))

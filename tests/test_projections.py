@@ -1,5 +1,4 @@
 """The projections are exact Euclidean projections onto the sparsity sets (brute force)."""
-import functools
 import itertools
 
 import jax
@@ -168,7 +167,7 @@ def test_top_k_with_zero_scores_and_padding():
 def _brute_force_nm(w, n, m):
   """Per (row-group of m along axis -2, output): keep the n largest |w|, lower index on ties."""
   w = np.asarray(w)
-  lead, cin, cout = w.shape[:-2], w.shape[-2], w.shape[-1]
+  cin, cout = w.shape[-2], w.shape[-1]
   x = np.abs(w).reshape(-1, cin // m, m, cout)
   keep = np.zeros_like(x, bool)
   for a, b, c in itertools.product(range(x.shape[0]), range(x.shape[1]), range(cout)):

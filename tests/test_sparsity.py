@@ -95,7 +95,8 @@ def test_path_strings_ignore_nnx_value_attribute():
 
 
 def test_distance_to_set_is_what_hard_pruning_removes(params):
-  the_spec = sparsity.spec({"Conv_1/kernel": ("filter", 0.5), "Dense_0/kernel": ("irregular", 0.75)})
+  the_spec = sparsity.spec({"Conv_1/kernel": ("filter", 0.5),
+                            "Dense_0/kernel": ("irregular", 0.75)})
   pruned, _ = sparsity.hard_prune(params, the_spec)
   dist = sparsity.distance_to_set(params, the_spec)
   rel = sparsity.distance_to_set(params, the_spec, relative=True)

@@ -13,7 +13,8 @@ SPEC = sparsity.spec({"conv/kernel": ("filter", 0.5), "dense/kernel": ("irregula
 def _params(key):
   k = jax.random.split(key, 3)
   return {"conv": {"kernel": jax.random.normal(k[0], (3, 3, 2, 4)), "bias": jnp.zeros(4)},
-          "dense": {"kernel": jax.random.normal(k[1], (8, 6)), "bias": jax.random.normal(k[2], (6,))}}
+          "dense": {"kernel": jax.random.normal(k[1], (8, 6)),
+                    "bias": jax.random.normal(k[2], (6,))}}
 
 
 def _np_project(w, kind, ratio):
@@ -53,7 +54,8 @@ def _np_admm(params_seq, grads_seq, rho, update_every, growth):
         u[k] = u[k] + wk - z[k]
     out = jax.tree.map(lambda x: np.asarray(x, np.float64), g)
     for k in RULES:
-      out[k[0]][k[1]] = out[k[0]][k[1]] + rho * (np.asarray(w[k[0]][k[1]], np.float64) - z[k] + u[k])
+      w_k = np.asarray(w[k[0]][k[1]], np.float64)
+      out[k[0]][k[1]] = out[k[0]][k[1]] + rho * (w_k - z[k] + u[k])
     outs.append(out)
   return outs, z, u, rho
 
@@ -87,7 +89,8 @@ def test_admm_matches_numpy_formulas_over_several_zu_updates(use_jit):
   assert int(state.count) == steps
   np.testing.assert_allclose(float(state.rho), rho, rtol=1e-6)  # rho0 * 1.3**3 (t = 3, 6, 9)
   np.testing.assert_allclose(state.z["conv"]["kernel"], z[("conv", "kernel")], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(state.u["dense"]["kernel"], u[("dense", "kernel")], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(state.u["dense"]["kernel"], u[("dense", "kernel")],
+                             rtol=1e-5, atol=1e-5)
   # Unpruned leaves carry no Z or U.
   assert isinstance(state.z["conv"]["bias"], optax.MaskedNode)
 
@@ -115,7 +118,8 @@ def test_primal_residual_and_penalty():
   rel = transforms.primal_residuals(state, params, relative=True)
   np.testing.assert_allclose(rel["conv/kernel"], res["conv/kernel"] / np.linalg.norm(w), rtol=1e-5)
   assert 0 < float(rel["dense/kernel"]) < 1  # removing 75 % of the weights by magnitude
-  chain_state = optax.chain(transforms.admm(SPEC, rho=0.1, update_every=5), optax.sgd(0.1)).init(params)
+  chain = optax.chain(transforms.admm(SPEC, rho=0.1, update_every=5), optax.sgd(0.1))
+  chain_state = chain.init(params)
   assert isinstance(transforms.find_admm_state(chain_state), transforms.ADMMState)
 
 
@@ -148,7 +152,8 @@ OPTIMIZERS = {
     "schedule_and_clip": lambda: optax.chain(optax.clip_by_global_norm(1.0),
                                              optax.add_decayed_weights(0.3),
                                              optax.scale_by_adam(),
-                                             optax.scale_by_schedule(optax.linear_schedule(-1e-2, -1e-3, 150))),
+                                             optax.scale_by_schedule(
+                                                 optax.linear_schedule(-1e-2, -1e-3, 150))),
 }
 
 

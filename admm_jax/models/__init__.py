@@ -8,9 +8,8 @@ from typing import Any
 
 from flax import linen as nn
 
-from admm_jax.models.layers import Conv, conv2d_fft, conv2d_hybrid, conv2d_im2col
-from admm_jax.models.layers import conv2d_toeplitz, conv2d_xla, max_pool_2x2, normalize_input
-from admm_jax.models.layers import relu_max_pool_2x2, resolve_conv_impl
+from admm_jax.models.layers import ConvDef, conv_module, max_pool_2x2, normalize_input
+from admm_jax.models.layers import relu_max_pool_2x2
 from admm_jax.models.lenet import LeNet, lenet_param_count
 from admm_jax.models.resnet import BasicBlock, ResNet18
 from admm_jax.models.vgg import VGG16
@@ -25,18 +24,22 @@ def _model_class(name: str) -> type[nn.Module]:
     raise ValueError(f"Unknown model {name!r}; allowed names: {sorted(MODELS)}.") from None
 
 
-def get_model(name: str, width: int, num_classes: int = 10, **kwargs: Any) -> nn.Module:
+def get_model(name: str, width: int, num_classes: int = 10, conv_impl: str = "xla",
+              **kwargs: Any) -> nn.Module:
   """Builds a model by name.
 
   Args:
     name: "lenet", "vgg16" or "resnet18".
     width: width multiplier w (PAPER.md section 5).
     num_classes: number of logits.
-    **kwargs: further model attributes (conv_impl, input_mean, input_std).
+    conv_impl: which convolution the model uses (`conv_module`): "xla" (`flax.linen.Conv`),
+      "auto" (the CPU kernels on the CPU backend, XLA elsewhere) or one CPU kernel by name.
+    **kwargs: further model attributes (input_mean, input_std, or `conv` itself).
 
   Returns:
     The (unbound) flax module.
   """
+  kwargs.setdefault("conv", conv_module(conv_impl))
   return _model_class(name)(width=width, num_classes=num_classes, **kwargs)
 
 
@@ -45,7 +48,6 @@ def has_batch_norm(name: str) -> bool:
   return _model_class(name).has_batch_norm
 
 
-__all__ = ["BasicBlock", "Conv", "LeNet", "MODELS", "ResNet18", "VGG16", "conv2d_fft",
-           "conv2d_hybrid", "conv2d_im2col", "conv2d_toeplitz", "conv2d_xla", "get_model",
-           "has_batch_norm", "lenet_param_count", "max_pool_2x2", "normalize_input",
-           "relu_max_pool_2x2", "resolve_conv_impl"]
+__all__ = ["BasicBlock", "ConvDef", "LeNet", "MODELS", "ResNet18", "VGG16", "conv_module",
+           "get_model", "has_batch_norm", "lenet_param_count", "max_pool_2x2",
+           "normalize_input", "relu_max_pool_2x2"]

@@ -5,7 +5,7 @@ from typing import ClassVar
 import jax
 from flax import linen as nn
 
-from admm_jax.models.layers import Conv, normalize_input, relu_max_pool_2x2
+from admm_jax.models.layers import ConvDef, normalize_input, relu_max_pool_2x2
 
 
 class LeNet(nn.Module):
@@ -18,13 +18,13 @@ class LeNet(nn.Module):
   Attributes:
     width: width multiplier w (the paper uses 1, 2, 4, 8, 16).
     num_classes: number of logits.
-    conv_impl: convolution implementation, see `layers.resolve_conv_impl`.
+    conv: the convolution module (`flax.linen.Conv`, or see `layers.conv_module`).
     input_mean: optional per-channel mean subtracted inside the model (off by default).
     input_std: optional per-channel std divided inside the model (off by default).
   """
   width: int = 1
   num_classes: int = 10
-  conv_impl: str = "auto"
+  conv: ConvDef = nn.Conv
   input_mean: Sequence[float] | None = None
   input_std: Sequence[float] | None = None
 
@@ -41,8 +41,8 @@ class LeNet(nn.Module):
       raise ValueError(f"LeNet width must be >= 1, got {self.width}.")
     w = self.width
     x = normalize_input(x, self.input_mean, self.input_std)
-    x = relu_max_pool_2x2(Conv(2 * w, (5, 5), impl=self.conv_impl, name="conv1")(x))
-    x = relu_max_pool_2x2(Conv(4 * w, (5, 5), impl=self.conv_impl, name="conv2")(x))
+    x = relu_max_pool_2x2(self.conv(2 * w, (5, 5), name="conv1")(x))
+    x = relu_max_pool_2x2(self.conv(4 * w, (5, 5), name="conv2")(x))
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(64 * w, name="fc1")(x))
     return nn.Dense(self.num_classes, name="fc2")(x)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from admm_jax.models.layers import Conv, normalize_input
+from admm_jax.models.layers import ConvDef, normalize_input
 
 # He-normal with fan_out, as torchvision initialises convs that feed BatchNorm + ReLU.
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -30,25 +30,25 @@ class BasicBlock(nn.Module):
   Attributes:
     features: output channels.
     strides: stride of conv1 and of the shortcut conv.
-    conv_impl: convolution implementation, see `layers.resolve_conv_impl`.
+    conv: the convolution module (`flax.linen.Conv`, or see `layers.conv_module`).
   """
   features: int
   strides: int = 1
-  conv_impl: str = "auto"
+  conv: ConvDef = nn.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Applies the block to `x` (B, H, W, cin); returns (B, H / strides, W / strides, features)."""
     s = (self.strides, self.strides)
-    y = Conv(self.features, (3, 3), s, use_bias=False, impl=self.conv_impl,
-             kernel_init=_CONV_INIT, name="conv1")(x)
+    y = self.conv(self.features, (3, 3), strides=s, use_bias=False, kernel_init=_CONV_INIT,
+                  name="conv1")(x)
     y = nn.relu(_batch_norm(train, "bn1")(y))
-    y = Conv(self.features, (3, 3), use_bias=False, impl=self.conv_impl,
-             kernel_init=_CONV_INIT, name="conv2")(y)
+    y = self.conv(self.features, (3, 3), use_bias=False, kernel_init=_CONV_INIT,
+                  name="conv2")(y)
     y = _batch_norm(train, "bn2")(y)
     if self.strides != 1 or x.shape[-1] != self.features:
-      x = Conv(self.features, (1, 1), s, use_bias=False, impl=self.conv_impl,
-               kernel_init=_CONV_INIT, name="shortcut_conv")(x)
+      x = self.conv(self.features, (1, 1), strides=s, use_bias=False, kernel_init=_CONV_INIT,
+                    name="shortcut_conv")(x)
       x = _batch_norm(train, "shortcut_bn")(x)
     return nn.relu(y + x)
 
@@ -66,13 +66,13 @@ class ResNet18(nn.Module):
   Attributes:
     width: width multiplier w; w = 16 is the standard network.
     num_classes: number of logits.
-    conv_impl: convolution implementation, see `layers.resolve_conv_impl`.
+    conv: the convolution module (`flax.linen.Conv`, or see `layers.conv_module`).
     input_mean: optional per-channel mean subtracted inside the model (off by default).
     input_std: optional per-channel std divided inside the model (off by default).
   """
   width: int = 16
   num_classes: int = 10
-  conv_impl: str = "auto"
+  conv: ConvDef = nn.Conv
   input_mean: Sequence[float] | None = None
   input_std: Sequence[float] | None = None
 
@@ -90,12 +90,12 @@ class ResNet18(nn.Module):
     if self.width < 1:
       raise ValueError(f"ResNet18 width must be >= 1, got {self.width}.")
     x = normalize_input(x, self.input_mean, self.input_std)
-    x = Conv(4 * self.width, (3, 3), use_bias=False, impl=self.conv_impl,
-             kernel_init=_CONV_INIT, name="conv1")(x)
+    x = self.conv(4 * self.width, (3, 3), use_bias=False, kernel_init=_CONV_INIT,
+                  name="conv1")(x)
     x = nn.relu(_batch_norm(train, "bn1")(x))
     for stage, (channels, first_stride) in enumerate(_STAGES, start=1):
       for b in range(_BLOCKS_PER_STAGE):
         x = BasicBlock(channels * self.width, first_stride if b == 0 else 1,
-                       conv_impl=self.conv_impl, name=f"layer{stage}_{b}")(x, train)
+                       conv=self.conv, name=f"layer{stage}_{b}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="fc")(x)

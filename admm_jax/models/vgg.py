@@ -5,7 +5,7 @@ from typing import ClassVar
 import jax
 from flax import linen as nn
 
-from admm_jax.models.layers import Conv, normalize_input, relu_max_pool_2x2
+from admm_jax.models.layers import ConvDef, normalize_input, relu_max_pool_2x2
 
 # Standard VGG-16 configuration: output channels of the 13 convs at w = 16, "M" = 2x2 max-pool.
 VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
@@ -31,13 +31,13 @@ class VGG16(nn.Module):
   Attributes:
     width: width multiplier w; w = 16 is the standard network (64 ... 512 channels).
     num_classes: number of logits.
-    conv_impl: convolution implementation, see `layers.resolve_conv_impl`.
+    conv: the convolution module (`flax.linen.Conv`, or see `layers.conv_module`).
     input_mean: optional per-channel mean subtracted inside the model (off by default).
     input_std: optional per-channel std divided inside the model (off by default).
   """
   width: int = 16
   num_classes: int = 10
-  conv_impl: str = "auto"
+  conv: ConvDef = nn.Conv
   input_mean: Sequence[float] | None = None
   input_std: Sequence[float] | None = None
 
@@ -61,8 +61,8 @@ class VGG16(nn.Module):
         x = relu_max_pool_2x2(x)  # The conv before it left its ReLU to this.
         continue
       i += 1
-      x = Conv(vgg_channels(c, self.width), (3, 3), use_bias=False, impl=self.conv_impl,
-               kernel_init=_CONV_INIT, name=f"conv{i}")(x)
+      x = self.conv(vgg_channels(c, self.width), (3, 3), use_bias=False,
+                    kernel_init=_CONV_INIT, name=f"conv{i}")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        name=f"bn{i}")(x)
       if next_c != "M":

@@ -1,7 +1,8 @@
 """Benchmark: admm_jax's jitted adversarial ADMM train step next to a PyTorch-eager loop.
 
-Run: python -m admm_jax.bench [--quick] [--json] [--cases lenet:16:10:64,...] [--threads N]
-     [--repeats R] [--no-torch] [--no-extras] [--profile [TOP]]
+Run from the repository root: python benchmarks/bench.py [--quick] [--json]
+     [--cases lenet:16:10:64,...] [--threads N] [--repeats R] [--no-torch] [--no-extras]
+     [--profile [TOP]] [--no-malloc-tuning]
 
 For each case (model:width:pgd_steps:batch) it times admm_jax's jitted train step (PGD-K
 adversarial examples, cross-entropy on them, the ADMM penalty from `transforms.admm`, SGD
@@ -15,6 +16,8 @@ analysis), compile time, XLA's memory footprint, recompilations after the first 
 share of the step, and a step-level A/B that the noise mostly hides), the Z/U update next to
 numpy's percentile on the same weights, the input pipeline's and the PGD evaluation's
 examples/s. `--profile` adds, per case, the step's slowest XLA operations (`opprofile`).
+On CPU it tunes glibc malloc first, as the command line does (`--no-malloc-tuning` not).
+See benchmarks/README.md for the tables and what they mean.
 """
 from __future__ import annotations
 
@@ -36,8 +39,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from admm_jax import data, models, opprofile, sparsity, train, transforms
-from admm_jax.models import layers
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's admm_jax, installed or not
+
+from admm_jax import data, models, sparsity, train, transforms  # noqa: E402
+from admm_jax.kernels import malloc  # noqa: E402
+import opprofile  # noqa: E402  (benchmarks/opprofile.py)
 
 EPS, STEP_SIZE = 0.3, 0.01        # MNIST-style Linf attack, as in the issue
 LR, MOMENTUM, RHO, PRUNE = 0.01, 0.9, 1e-3, 0.8
@@ -146,7 +153,7 @@ def matmul_peak_gflops(n: int | None = None, seconds: float = 1.0) -> float:
 # ----------------------------------------------------------------------------- the jax side
 
 def _model(case: Case):
-  return models.get_model(case.model, case.width)
+  return models.get_model(case.model, case.width, conv_impl="auto")
 
 
 def _batch(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
@@ -181,7 +188,16 @@ class JaxStep:
     self.state = train.create_train_state(variables["params"], variables["batch_stats"], self.tx)
     self.batch = jax.device_put(_batch(case))
     self.key = jax.random.key(1)
-    self.step = train.jit_train_step(self.model, self.tx, _attack(case))
+    self.traces = 0
+    step_fn = functools.partial(train.train_step, model=self.model, tx=self.tx,
+                                attack=_attack(case))
+
+    def traced_step(*args):
+      self.traces += 1   # runs when jit traces (a new compilation), not on each call
+      return step_fn(*args)
+
+    # As `train.jit_train_step`, with its traces counted.
+    self.step = jax.jit(traced_step, donate_argnums=(0,))
     t = _now()
     self.compiled = self.step.lower(self.state, self.batch, self.key).compile()
     self.compile_s = _now() - t
@@ -200,7 +216,7 @@ class JaxStep:
 
   def recompiles(self) -> int:
     """Traces beyond the first (0 means one compilation served every call)."""
-    return max(self.step._cache_size() - 1, 0)  # pylint: disable=protected-access
+    return max(self.traces - 1, 0)
 
   def memory_mb(self) -> float:
     """XLA's footprint of the compiled step: arguments + outputs + temporaries - aliased."""
@@ -222,11 +238,11 @@ class JaxStep:
     pass.
     """
     case = self.case
-    model = self.model.clone(conv_impl="xla")
+    model = self.model.clone(conv=models.conv_module("xla"))
     no_attack = jax.jit(functools.partial(train.train_step, model=model, tx=self.tx,
                                           attack=train.Attack("none")))
     base = no_attack.lower(self.state, self.batch, self.key).compile().cost_analysis()["flops"]
-    apply_fn = train._logits_fn(model, self.state.batch_stats, train=True)  # pylint: disable=protected-access
+    apply_fn = train.logits_fn(model, self.state.batch_stats, train=True)
     y = self.batch["label"]
 
     def input_grad(params, x):
@@ -341,7 +357,7 @@ class TorchStep:
 
   def __init__(self, case: Case, device: str = "cpu"):
     import torch  # pylint: disable=import-outside-toplevel
-    from admm_jax import bench_torch  # pylint: disable=import-outside-toplevel
+    import bench_torch  # pylint: disable=import-outside-toplevel  (benchmarks/bench_torch.py)
     torch.manual_seed(0)
     shape = INPUT_SHAPES[case.model]
     model = bench_torch.build_model(case.model, case.width, shape[-1]).to(device)
@@ -442,10 +458,11 @@ def machine_info(threads: int) -> dict[str, Any]:
   """Where the numbers come from."""
   info = {"cpu_count": os.cpu_count(), "threads": threads, "platform": platform.platform(),
           "python": platform.python_version(), "jax": jax.__version__,
-          "backend": jax.default_backend(), "malloc_tuned": layers.tune_malloc_for_cpu()}
+          "backend": jax.default_backend(), "malloc_tuned": malloc.is_tuned()}
   try:
     with open("/proc/cpuinfo") as f:
-      info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+      info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
   except (OSError, StopIteration):
     info["cpu"] = platform.processor()
   try:
@@ -496,7 +513,8 @@ def _set_threads(threads: int | None) -> int:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   """Command line entry point; returns the rows."""
-  p = argparse.ArgumentParser(prog="python -m admm_jax.bench", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python benchmarks/bench.py",
+                              description=__doc__.split("\n")[0])
   p.add_argument("--cases", help="comma-separated model:width:steps[:batch] "
                  f"(default: {','.join(DEFAULT_CASES)})")
   p.add_argument("--quick", action="store_true", help=f"cases {','.join(QUICK_CASES)}, fewer "
@@ -513,6 +531,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   p.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="TOP",
                  help="also profile each case's step per XLA op and print the TOP slowest "
                  "ops (default 15)")
+  p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc alone "
+                 "(by default, on CPU, it keeps freed buffers as the command line does)")
   args = p.parse_args(argv)
 
   threads = _set_threads(args.threads)
@@ -533,10 +553,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   else:
     device_name = "cpu"
   log = (lambda s: print(s, file=sys.stderr, flush=True))
-  if jax.default_backend() == "cpu":
-    # What the im2col path does at its first trace, done first so that both sides of every
-    # pair run under the same malloc settings.
-    layers.tune_malloc_for_cpu()
+  if jax.default_backend() == "cpu" and not args.no_malloc_tuning:
+    # What the command line does, done first so that both sides of every pair run under the
+    # same malloc settings.
+    malloc.tune_malloc_for_cpu()
   peak = matmul_peak_gflops()
   log(f"float32 matmul peak: {peak:.1f} GFLOP/s on {threads} thread(s); "
       f"load average {os.getloadavg()[0]:.2f}")

@@ -5,7 +5,7 @@ trace back with `jax.profiler.ProfileData`, and sums the duration of every event
 an instruction of the compiled HLO module. Each row carries what is needed to read it: the
 instruction's shape and the JAX operation it came from (its `op_name` metadata, e.g.
 `while/body/.../transpose(jvp(LeNet))/conv2/dot_general`: the input gradient of conv2's
-matmul inside the PGD loop). `python -m admm_jax.bench --profile` prints these rows.
+matmul inside the PGD loop). `python benchmarks/bench.py --profile` prints these rows.
 
 The durations are wall time of each operation on the thread that ran it; an operation that
 fans out over a thread pool (a matmul) is counted once, so the shares are shares of the

@@ -4,7 +4,7 @@ Written here from the paper's description (PAPER.md) of Ye et al.'s loop, not co
 same topologies as `admm_jax.models` (LeNet_adv(w), VGG-16-BN, CIFAR ResNet-18), an eager
 PGD loop that calls `torch.autograd.grad` once per step, then cross-entropy on the
 adversarial batch plus the ADMM penalty rho/2 sum ||W - Z + U||^2, backward, and SGD with
-momentum. NCHW layout, as PyTorch users write it. Only `admm_jax.bench` and its tests
+momentum. NCHW layout, as PyTorch users write it. Only benchmarks/bench.py and its tests
 import this module (it needs torch: `pip install admm_jax[bench]`).
 """
 from __future__ import annotations

@@ -1,30 +1,37 @@
 """Train-step throughput on 1 vs N devices of the "data" mesh (a benchmark, not a test).
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m admm_jax.bench_scaling
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_scaling.py
 
 Times the jitted adversarial train step (LeNet, PGD, the same global batch) on meshes of
 the given sizes, in one process, alternating the meshes round by round so that a busy
 machine slows them alike; prints median examples/s. With forced host CPU devices all
 "devices" share the same cores, so this measures the overhead of splitting the step (a
 smaller batch per device, the gradient all-reduce), not a speed-up; on GPUs or TPUs the
-same command measures scaling.
+same command measures scaling. On CPU it tunes glibc malloc first, as the command line
+does (`--no-malloc-tuning` not).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
 import numpy as np
 import optax
 
-from admm_jax import models, parallel, sparsity, train, transforms
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's admm_jax, installed or not
+
+from admm_jax import models, parallel, sparsity, train, transforms  # noqa: E402
+from admm_jax.kernels import malloc  # noqa: E402
 
 
 def _step_setup(rt: parallel.Runtime, width: int, batch: int, pgd_steps: int, stage: str):
   """(jitted step, state, global batch) for one mesh; the state is replicated on it."""
-  model = models.get_model("lenet", width)
+  model = models.get_model("lenet", width, conv_impl="auto")
   variables = train.init_variables(model, jax.random.key(0), (28, 28, 1))
   if stage == "admm":
     spec = sparsity.spec({"conv1/kernel": ("irregular", 0.8), "conv2/kernel": ("irregular", 0.9),
@@ -107,7 +114,10 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=10, help="steps per timed round")
   ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--stage", choices=("pretrain", "admm"), default="pretrain")
+  ap.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc alone")
   args = ap.parse_args()
+  if jax.default_backend() == "cpu" and not args.no_malloc_tuning:
+    malloc.tune_malloc_for_cpu()   # as the command line does
   counts = ([int(x) for x in args.devices.split(",")] if args.devices
             else sorted({1, jax.device_count()}))
   rows = benchmark(counts, args.width, args.batch, args.pgd_steps, args.steps, args.rounds,

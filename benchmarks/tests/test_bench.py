@@ -8,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from admm_jax import bench, models, train
+from admm_jax import models, train
+import bench  # benchmarks/bench.py (conftest.py puts benchmarks/ on the path)
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")
 
 ROW_NUMBERS = ("admm_jax_ex_per_s", "flops_per_step", "admm_jax_gflop_per_s",
                "admm_jax_pct_of_peak", "compile_s", "xla_memory_mb", "matmul_peak_gflop_per_s")
@@ -25,11 +28,14 @@ def test_case_parse_defaults_and_errors():
 
 def test_smallest_case_json_schema_without_torch():
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one host device, as a user runs it (conftest forces 8)
+  env.pop("XLA_FLAGS", None)  # one host device, as a user runs it
+  for k in [k for k in env if k.startswith("MALLOC_")]:
+    env.pop(k)  # a user's own malloc settings would (rightly) turn the tuning off
   out = subprocess.run(
-      [sys.executable, "-m", "admm_jax.bench", "--cases", "lenet:1:2:16", "--no-torch",
+      [sys.executable, BENCH, "--cases", "lenet:1:2:16", "--no-torch",
        "--no-extras", "--json", "--repeats", "2", "--min-seconds", "0.05", "--profile", "5"],
-      capture_output=True, text=True, timeout=120, env=env, check=False)
+      capture_output=True, text=True, timeout=300, env=env, check=False,
+      cwd=os.path.dirname(os.path.dirname(BENCH)))  # from the repository root, as documented
   assert out.returncode == 0, out.stderr[-3000:]
   rows = json.loads(out.stdout)
   assert isinstance(rows, list) and len(rows) == 1
@@ -40,6 +46,7 @@ def test_smallest_case_json_schema_without_torch():
   assert row["torch_ex_per_s"] is None and row["ratio"] is None
   assert row["recompiles"] == 0
   assert row["machine"]["backend"] == "cpu"
+  assert row["machine"]["malloc_tuned"] == sys.platform.startswith("linux")  # as the CLI does
   # --profile: the step's slowest XLA ops, each traced back to the JAX operation it runs.
   prof = row["profile"]
   assert 0 < len(prof["rows"]) <= 5 and prof["ms_per_call"] > 0
@@ -54,7 +61,7 @@ def test_flops_are_the_models_nominal_count_whatever_conv_impl_runs():
   case = bench.Case("lenet", 8, 1, 8)
   step = bench.JaxStep(case)
   nominal = step.flops()
-  step.model = step.model.clone(conv_impl="im2col")
+  step.model = step.model.clone(conv=models.conv_module("im2col"))
   assert step.flops() == nominal
   conv2_macs = 14 * 14 * 5 * 5 * 16 * 32
   assert nominal >= 2 * conv2_macs * (3 + 2 * case.steps) * case.batch
@@ -100,7 +107,7 @@ def _torch():
 
 def test_torch_lenet_matches_flax_logits():
   torch = _torch()
-  from admm_jax import bench_torch
+  import bench_torch
   width = 2
   model = models.get_model("lenet", width)
   params = train.init_variables(model, jax.random.key(3), (28, 28, 1))["params"]
@@ -118,7 +125,7 @@ def test_torch_lenet_matches_flax_logits():
 
 def test_torch_trainer_step_runs_and_keeps_the_attack_in_the_box():
   torch = _torch()
-  from admm_jax import bench_torch
+  import bench_torch
   torch.manual_seed(0)
   tmodel = bench_torch.build_model("lenet", 1, 1)
   x = torch.rand(4, 1, 28, 28)

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from admm_jax import opprofile
+import opprofile  # benchmarks/opprofile.py (conftest.py puts benchmarks/ on the path)
 
 
 def _matmul_then_cheap_elementwise(a, b):
