@@ -507,8 +507,9 @@ def summary(report: dict[str, Any]) -> str:
                  f"  {rec['wall_time_s']:.0f}s")
     if rec.get("admm"):
       worst = max(rec["admm"]["relative_primal_residual"].items(), key=lambda kv: kv[1])
+      verdict = "" if rec["admm"]["converged"] else ": not converged"
       lines.append(f"            ADMM end: rho {rec['admm']['rho']:.3g}, largest ||W-Z||/||W|| "
-                   f"{worst[1]:.3f} ({worst[0]}){'' if rec['admm']['converged'] else ': not converged'}")
+                   f"{worst[1]:.3f} ({worst[0]}){verdict}")
     if rec.get("after_hard_prune_val_adversarial_accuracy") is not None:
       lines.append(f"            right after hard pruning: val natural "
                    f"{rec['after_hard_prune_val_natural_accuracy']:.4f}  adversarial "
