@@ -78,10 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
   # The admm and retrain recipe was chosen on validation at the authors' own budget
   # (docs/method.md section 7, benchmarks/reference_budget.py): Z/U every quarter epoch with
   # rho growing 1.5x from 0.01 (ADMM reaches the sparse set in 2 epochs) at a constant SGD lr,
-  # then a constant Adam lr 0.02 after a quarter-epoch warmup.
+  # then Adam from lr 0.05 down a cosine, after a quarter-epoch warmup (without it a freshly
+  # filter-pruned net can die at this lr).
   c.pretrain = _stage(3, "adam", 1e-3)
   c.admm = _stage(2, "sgd", 0.01, "constant", rho=0.01, rho_growth=1.5, update_every_epochs=0.25)
-  c.retrain = _stage(2, "adam", 0.02, warmup_epochs=0.25)
+  c.retrain = _stage(2, "adam", 0.05, "cosine", warmup_epochs=0.25)
   c.scratch = _stage(0, "adam", 1e-3, width=1)   # epochs 0: pretrain+admm+retrain epochs
 
   c.log_every_steps = 200
