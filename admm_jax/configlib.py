@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Sized for ~10 minutes on 2 CPU cores; the paper's recipes are in configs/mnist_lenet.py etc.
   # The admm and retrain recipe was chosen on validation at the authors' own budget
-  # (docs/method.md section 7, benchmarks/reference_budget.py): Z/U every quarter epoch with
+  # (docs/method.md section 8, benchmarks/reference_budget.py): Z/U every quarter epoch with
   # rho growing 1.5x from 0.01 (ADMM reaches the sparse set in 2 epochs) at a constant SGD lr,
   # then Adam from lr 0.05 down a cosine, after a quarter-epoch warmup (without it a freshly
   # filter-pruned net can die at this lr).
@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def cifar10_recipe(model: str, conv_pattern: str, arg: str | None) -> ml_collections.ConfigDict:
-  """The paper's CIFAR-10 recipe (PAPER.md sections 2, 4, 6) for `model`, pruning 0.9375 of
+  """The paper's CIFAR-10 recipe (docs/method.md) for `model`, pruning 0.9375 of
   every conv kernel matched by `conv_pattern` with the kind named by `arg` (default filter).
   """
   kind = arg or "filter"

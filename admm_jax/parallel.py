@@ -10,7 +10,8 @@ a multi-host TPU pod.
 
 Why not pmap: jit with shardings is JAX's supported path (pmap is in maintenance mode and
 re-implemented on jit + shard_map); it needs no per-device copies of the state, no
-`pmean` of the gradients (where the shard_map idiom silently over-counts, see STACK.md), the
+`pmean` of the gradients (the pmap idiom carried into shard_map silently over-counts: with
+check_vma the gradient of a replicated parameter is already summed over devices), the
 same step function serves 1 and N devices and N hosts, and orbax saves the sharded arrays
 as they are.
 

@@ -1,6 +1,6 @@
 """PyTorch-eager re-statement of the authors' adversarial ADMM training loop, for the benchmark.
 
-Written here from the paper's description (PAPER.md) of Ye et al.'s loop, not copied: the
+Written here from the paper's description (docs/method.md) of Ye et al.'s loop, not copied: the
 same topologies as `admm_jax.models` (LeNet_adv(w), VGG-16-BN, CIFAR ResNet-18), an eager
 PGD loop that calls `torch.autograd.grad` once per step, then cross-entropy on the
 adversarial batch plus the ADMM penalty rho/2 sum ||W - Z + U||^2, backward, and SGD with

@@ -1,4 +1,4 @@
-"""MNIST, LeNet(w=16): the paper's MNIST recipe (PAPER.md sections 2, 4, 6). Needs TFDS with
+"""MNIST, LeNet(w=16): the paper's MNIST recipe (docs/method.md). Needs TFDS with
 network.
 
 Run (irregular pruning, the default):
@@ -11,7 +11,7 @@ pruned-vs-scratch: --config.stages=pretrain,admm,retrain,scratch
 
 Deviations from the reference configs, on purpose: pretrain uses Adam lr 1e-3 (the reference's
 lr 0.1 stays at chance), retrain starts its Adam lr 0.01 with a quarter-epoch warmup (a
-freshly hard-pruned network can die at that lr without it: docs/method.md section 7),
+freshly hard-pruned network can die at that lr without it: docs/method.md section 8),
 checkpoints are selected on a held-out validation split (not the test set), and pruning keeps
 exactly the asked number of groups (the reference's percentile removes more on ties).
 """

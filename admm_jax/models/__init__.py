@@ -1,4 +1,4 @@
-"""Models of the paper (PAPER.md section 5), each with a width multiplier w.
+"""Models of the paper (docs/method.md, Models), each with a width multiplier w.
 
 All models take NHWC images in [0, 1] and share one calling convention,
 `model.apply(variables, x, train=False)`; models with BatchNorm (`has_batch_norm(name)`)
@@ -30,7 +30,7 @@ def get_model(name: str, width: int, num_classes: int = 10, conv_impl: str = "xl
 
   Args:
     name: "lenet", "vgg16" or "resnet18".
-    width: width multiplier w (PAPER.md section 5).
+    width: width multiplier w (docs/method.md, Models).
     num_classes: number of logits.
     conv_impl: which convolution the model uses (`conv_module`): "xla" (`flax.linen.Conv`),
       "auto" (the CPU kernels on the CPU backend, XLA elsewhere) or one CPU kernel by name.

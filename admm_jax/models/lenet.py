@@ -1,4 +1,4 @@
-"""LeNet for 28x28 inputs (MNIST / Fashion-MNIST) with width multiplier w (PAPER.md section 5)."""
+"""LeNet for 28x28 inputs (MNIST / Fashion-MNIST) with width multiplier w (docs/method.md)."""
 from collections.abc import Sequence
 from typing import ClassVar
 

@@ -1,4 +1,4 @@
-"""CIFAR ResNet-18 (basic blocks [2, 2, 2, 2]) with width multiplier w (PAPER.md section 5)."""
+"""CIFAR ResNet-18 (basic blocks [2, 2, 2, 2]) with width multiplier w (docs/method.md)."""
 from collections.abc import Sequence
 from typing import ClassVar
 

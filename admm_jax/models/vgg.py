@@ -1,4 +1,4 @@
-"""VGG-16 with BatchNorm for 32x32 inputs (CIFAR-10), channels scaled by w/16 (PAPER.md 5)."""
+"""VGG-16 with BatchNorm for 32x32 inputs (CIFAR-10), channels scaled by w/16 (docs/method.md)."""
 from collections.abc import Sequence
 from typing import ClassVar
 
