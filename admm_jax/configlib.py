@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sparsity = ("conv1/kernel=irregular:0.8,conv2/kernel=irregular:0.9,"
                 "fc1/kernel=irregular:0.98,fc2/kernel=irregular:0.9")
 
-  # Sized for ~10 minutes on 2 CPU cores; the paper's recipes are in configs/mnist_lenet.py etc.
+  # Sized for ~4 minutes on 2 CPU cores; the paper's recipes are in configs/mnist_lenet.py etc.
   # The admm and retrain recipe was chosen on validation at the authors' own budget
   # (docs/method.md section 8, benchmarks/reference_budget.py): Z/U every quarter epoch with
   # rho growing 1.5x from 0.01 (ADMM reaches the sparse set in 2 epochs) at a constant SGD lr,

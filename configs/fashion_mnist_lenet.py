@@ -1,4 +1,4 @@
-"""Fashion-MNIST, LeNet: the offline default, robust and small in about 10 minutes on 2 CPU cores.
+"""Fashion-MNIST, LeNet: the offline default, robust and small in about 4 minutes on 2 CPU cores.
 
 Run: python -m admm_jax.main --config=configs/fashion_mnist_lenet.py --workdir=runs/fmnist
 Tiny smoke run (all stages, a few thousand examples, under a minute):
