@@ -2,7 +2,6 @@
 gradients; the per-layer rule; the Conv module is a drop-in for flax.linen.Conv."""
 import chex
 from flax import linen as nn
-from flax import traverse_util
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -11,31 +10,11 @@ import pytest
 
 from admm_jax import models
 from admm_jax.kernels import CONV_IMPLS, cpu_conv
+from model_variables import abstract_variables, leaf_shapes, random_variables
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _paths(tree) -> dict[str, tuple[int, ...]]:
-  """'/'-joined leaf paths -> shapes (works on arrays and ShapeDtypeStructs)."""
-  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
-
-
-def _abstract_variables(model: nn.Module, shape: tuple[int, ...]):
-  """Variables' shapes without running (or compiling) the initialiser."""
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
-
-
-def _random_variables(model: nn.Module, shape: tuple[int, ...], seed: int = 0):
-  """Variables of the right structure filled by numpy (compiling `model.init` takes seconds).
-
-  Weights ~ N(0, 0.3^2); BatchNorm running variances start at 1 as in `nn.BatchNorm`.
-  """
-  rng = np.random.default_rng(seed)
-  def fill(path, leaf):
-    if jax.tree_util.keystr(path).endswith("['var']"):
-      return jnp.ones(leaf.shape, leaf.dtype)
-    return jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype)
-  return jax.tree_util.tree_map_with_path(fill, _abstract_variables(model, shape))
 
 
 _CONV_CASES = [  # x_shape, kernel_shape, strides, padding
@@ -176,12 +155,12 @@ def test_conv_module_impls_share_params_and_agree(use_bias):
   x = np.random.default_rng(0).standard_normal((2, 6, 6, 3), np.float32)
   im2col = cpu_conv.Conv(4, (3, 3), use_bias=use_bias, impl="im2col")
   xla = cpu_conv.Conv(4, (3, 3), use_bias=use_bias, impl="xla")
-  variables = _random_variables(im2col, x.shape)
+  variables = random_variables(im2col, x.shape)
   want = {"kernel": (3, 3, 3, 4), "bias": (4,)} if use_bias else {"kernel": (3, 3, 3, 4)}
-  assert _paths(variables["params"]) == want
+  assert leaf_shapes(variables["params"]) == want
   # Same parameter layout as flax.linen.Conv, so either can load the other's checkpoints.
   flax_conv = nn.Conv(4, (3, 3), use_bias=use_bias)
-  assert _paths(_abstract_variables(flax_conv, x.shape)["params"]) == want
+  assert leaf_shapes(abstract_variables(flax_conv, x.shape)["params"]) == want
   np.testing.assert_allclose(flax_conv.apply(variables, x), xla.apply(variables, x), **TOL)
   np.testing.assert_allclose(im2col.apply(variables, x), xla.apply(variables, x), **TOL)
 
@@ -232,7 +211,7 @@ def test_lenet4_auto_impl_uses_hybrid_conv2_and_matches_xla_with_input_gradients
   x = np.random.default_rng(0).random((2, 28, 28, 1), np.float32)
   auto = models.get_model("lenet", 4, conv_impl="auto")
   xla = models.LeNet(width=4)
-  variables = _random_variables(auto, x.shape)
+  variables = random_variables(auto, x.shape)
 
   @jax.jit
   def logits_and_input_grad(x):
@@ -254,7 +233,7 @@ def test_xla_impl_equals_flax_conv_bitwise():
   for strides, kernel_size in (((1, 1), (3, 3)), ((2, 2), (3, 3)), ((2, 2), (1, 1))):
     ours = cpu_conv.Conv(5, kernel_size, strides, impl="xla")
     flax_conv = nn.Conv(5, kernel_size, strides)
-    variables = _random_variables(ours, x.shape)
+    variables = random_variables(ours, x.shape)
     np.testing.assert_array_equal(jax.jit(ours.apply)(variables, x),
                                   jax.jit(flax_conv.apply)(variables, x))
 

@@ -5,7 +5,6 @@ import re
 
 import chex
 from flax import linen as nn
-from flax import traverse_util
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -14,31 +13,11 @@ import pytest
 
 from admm_jax import models
 from admm_jax.models import layers
+from model_variables import abstract_variables, leaf_shapes, random_variables
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _paths(tree) -> dict[str, tuple[int, ...]]:
-  """'/'-joined leaf paths -> shapes (works on arrays and ShapeDtypeStructs)."""
-  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
-
-
-def _abstract_variables(model: nn.Module, shape: tuple[int, ...]):
-  """Variables' shapes without running (or compiling) the initialiser."""
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
-
-
-def _random_variables(model: nn.Module, shape: tuple[int, ...], seed: int = 0):
-  """Variables of the right structure filled by numpy (compiling `model.init` takes seconds).
-
-  Weights ~ N(0, 0.3^2); BatchNorm running variances start at 1 as in `nn.BatchNorm`.
-  """
-  rng = np.random.default_rng(seed)
-  def fill(path, leaf):
-    if jax.tree_util.keystr(path).endswith("['var']"):
-      return jnp.ones(leaf.shape, leaf.dtype)
-    return jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype)
-  return jax.tree_util.tree_map_with_path(fill, _abstract_variables(model, shape))
 
 
 # ---------------------------------------------------------------- layers
@@ -141,14 +120,14 @@ def test_normalize_input_per_channel_and_validation():
 def lenet1():
   model = models.LeNet(width=1)
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 28, 28, 1)), jnp.float32)
-  return model, _random_variables(model, x.shape), x
+  return model, random_variables(model, x.shape), x
 
 
 def test_lenet_output_shape_and_param_paths(lenet1):
   model, variables, x = lenet1
   chex.assert_shape(model.apply(variables, x), (3, 10))
   assert list(variables) == ["params"]
-  assert _paths(variables["params"]) == {
+  assert leaf_shapes(variables["params"]) == {
       "conv1/kernel": (5, 5, 1, 2), "conv1/bias": (2,),
       "conv2/kernel": (5, 5, 2, 4), "conv2/bias": (4,),
       "fc1/kernel": (7 * 7 * 4, 64), "fc1/bias": (64,),
@@ -175,8 +154,8 @@ def test_lenet_param_count_closed_form(width, in_channels, num_classes, expected
       + (49 * 4 * w * 64 * w + 64 * w) + (64 * w * k + k)
   assert formula == expected
   assert models.lenet_param_count(w, c, k) == expected
-  variables = _abstract_variables(models.LeNet(width=w, num_classes=k), (1, 28, 28, c))
-  assert sum(int(np.prod(s)) for s in _paths(variables["params"]).values()) == expected
+  variables = abstract_variables(models.LeNet(width=w, num_classes=k), (1, 28, 28, c))
+  assert sum(int(np.prod(s)) for s in leaf_shapes(variables["params"]).values()) == expected
 
 
 def test_lenet_input_normalisation_is_off_by_default_and_exact_when_on(lenet1):
@@ -195,12 +174,12 @@ def vgg1():
   # test_cpu_conv.py.
   model = models.VGG16(width=1)
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 32, 32, 3)), jnp.float32)
-  return model, _random_variables(model, x.shape), x
+  return model, random_variables(model, x.shape), x
 
 
 def test_vgg16_param_paths_and_channel_scaling(vgg1):
   _, variables, _ = vgg1
-  paths = _paths(variables["params"])
+  paths = leaf_shapes(variables["params"])
   conv_kernels = [p for p in paths if re.fullmatch(r".*conv.*/kernel", p)]
   assert sorted(conv_kernels) == sorted(f"conv{i}/kernel" for i in range(1, 14))
   assert not any(re.fullmatch(r".*conv[^/]*/bias", p) for p in paths)  # BN follows each conv
@@ -210,13 +189,13 @@ def test_vgg16_param_paths_and_channel_scaling(vgg1):
     assert paths[f"conv{i + 1}/kernel"] == (3, 3, cin[i], cout[i])
     assert paths[f"bn{i + 1}/scale"] == paths[f"bn{i + 1}/bias"] == (cout[i],)
   assert paths["fc/kernel"] == (32, 10) and paths["fc/bias"] == (10,)
-  assert set(_paths(variables["batch_stats"])) == {
+  assert set(leaf_shapes(variables["batch_stats"])) == {
       f"bn{i}/{s}" for i in range(1, 14) for s in ("mean", "var")}
 
 
 def test_vgg16_full_width_classifier_has_512_inputs():
-  variables = _abstract_variables(models.VGG16(width=16), (1, 32, 32, 3))
-  paths = _paths(variables["params"])
+  variables = abstract_variables(models.VGG16(width=16), (1, 32, 32, 3))
+  paths = leaf_shapes(variables["params"])
   assert paths["conv1/kernel"] == (3, 3, 3, 64) and paths["conv13/kernel"] == (3, 3, 512, 512)
   assert paths["fc/kernel"] == (512, 10)
 
@@ -228,12 +207,12 @@ def test_vgg16_full_width_classifier_has_512_inputs():
 def resnet1():
   model = models.ResNet18(width=1)
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 32, 32, 3)), jnp.float32)
-  return model, _random_variables(model, x.shape), x
+  return model, random_variables(model, x.shape), x
 
 
 def test_resnet18_param_paths_and_conv_count(resnet1):
   _, variables, _ = resnet1
-  paths = _paths(variables["params"])
+  paths = leaf_shapes(variables["params"])
   conv_kernels = [p for p in paths if re.fullmatch(r".*conv.*/kernel", p)]
   # 1 stem + 8 blocks x 2 + 3 shortcut 1x1 convs = the paper's 20 conv layers.
   assert len(conv_kernels) == 20
@@ -254,8 +233,8 @@ def test_resnet18_param_paths_and_conv_count(resnet1):
 
 
 def test_resnet18_full_width_is_standard():
-  variables = _abstract_variables(models.ResNet18(width=16), (1, 32, 32, 3))
-  paths = _paths(variables["params"])
+  variables = abstract_variables(models.ResNet18(width=16), (1, 32, 32, 3))
+  paths = leaf_shapes(variables["params"])
   assert paths["conv1/kernel"] == (3, 3, 3, 64)
   assert paths["layer4_1/conv2/kernel"] == (3, 3, 512, 512)
   assert paths["fc/kernel"] == (512, 10)
@@ -310,7 +289,7 @@ def test_get_model_builds_by_name(name, cls, bn):
 @pytest.mark.parametrize("name", ["lenet", "vgg16", "resnet18"])
 def test_models_reject_non_positive_width(name):
   with pytest.raises(ValueError, match="width must be >= 1"):
-    _abstract_variables(models.get_model(name, width=0), (1, 32, 32, 1))
+    abstract_variables(models.get_model(name, width=0), (1, 32, 32, 1))
 
 
 def test_get_model_rejects_unknown_name():
