@@ -164,6 +164,11 @@ def hard_prune(params: Params, the_spec: SparsitySpec) -> tuple[Params, Params]:
   return pruned, the_masks
 
 
+def frobenius_norm(x: jax.Array) -> jax.Array:
+  """||x||_F in float32 (whatever the dtype of x)."""
+  return jnp.linalg.norm(x.astype(jnp.float32).reshape(-1))
+
+
 def distance_to_set(params: Params, the_spec: SparsitySpec, relative: bool = False
                     ) -> dict[str, jax.Array]:
   """{path: ||W - Proj(W)||_F} per pruned leaf: what hard pruning removes from W right now.
@@ -171,14 +176,12 @@ def distance_to_set(params: Params, the_spec: SparsitySpec, relative: bool = Fal
   With relative=True, divided by ||W||_F (0 when W is already in its sparsity set, near 1
   when the kept groups hold almost nothing).
   """
-  pruned, _ = hard_prune(params, the_spec)
-  pruned_paths, out = resolve(params, the_spec), {}
-  for (path, w), p in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(pruned)):
-    name = path_str(path)
-    if name in pruned_paths:
-      d = jnp.linalg.norm((w - p).astype(jnp.float32).reshape(-1))
-      out[name] = d / jnp.linalg.norm(w.astype(jnp.float32).reshape(-1)) if relative else d
-  return out
+  def one(rule, w):
+    d = frobenius_norm(w - projections.project(w, rule.kind, rule.ratio))
+    return d / frobenius_norm(w) if relative else d
+  tree = map_pruned(one, rules_tree(params, the_spec), params)
+  flat = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None)
+  return {path_str(p): d for p, d in flat if d is not None}
 
 
 @dataclasses.dataclass(frozen=True)

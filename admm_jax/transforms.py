@@ -147,7 +147,7 @@ def primal_residuals(state: ADMMState, params: Params, relative: bool = False
 
   With relative=True, ||W - Z||_F / ||W||_F: comparable across layers and models.
   """
-  norm = lambda x: jnp.linalg.norm(x.astype(jnp.float32).reshape(-1))
+  norm = sparsity.frobenius_norm
   return {p: norm(w - z) / norm(w) if relative else norm(w - z)
           for p, w, z, _ in _pruned_pairs(state, params)}
 
