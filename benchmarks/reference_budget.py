@@ -25,7 +25,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]  # admm_jax and the config files
 
 # The budget (issue: "at the authors' own budget"): LeNet(w=4), 20,000 training examples,
 # PGD-10 Linf eps 0.1 step 0.01 with random start for training and for evaluation, two passes
@@ -75,7 +75,6 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
 
 def make_config(seed: int, overrides: dict[str, object], **fields):
   """The offline default config at the budget, with `overrides` and `fields` applied."""
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
   import fashion_mnist_lenet  # pylint: disable=import-outside-toplevel
   config = fashion_mnist_lenet.get_config()
   config.lock()  # a misspelt field is an error, not a new field
