@@ -25,6 +25,9 @@ Conventions shared by every attack here:
   `jax.grad` never differentiates through the attack loop.
 - `key` is a `jax.random` key used only for the random start; it may be None
   when `random_start=False`.
+- `x_init` (instead of a random start) gives the first iterate, projected onto
+  the ball and the box; TRADES starts its KL attack from x + 0.001 * N(0, 1),
+  because the KL to the clean prediction has a zero gradient at x itself.
 """
 import math
 from typing import Any, Callable
@@ -125,6 +128,21 @@ def _check_common(fn_name: str, x: jax.Array, y: Any, key: Any, eps: Any,
   return eps, box
 
 
+def _check_init(fn_name: str, x: jax.Array, x_init: Any,
+                random_start: bool) -> jax.Array | None:
+  """Returns `x_init` as an array shaped like x, or raises a ValueError naming it."""
+  if x_init is None:
+    return None
+  if random_start:
+    raise ValueError(
+        f"{fn_name}: x_init replaces the random start; pass random_start=False with it")
+  x_init = jnp.asarray(x_init)
+  if x_init.shape != x.shape:
+    raise ValueError(
+        f"{fn_name}: x_init must have x's shape {x.shape}, got {x_init.shape}")
+  return x_init
+
+
 def _check_step_size(fn_name: str, step_size: Any) -> float:
   """Returns `step_size` as a float, or raises a ValueError unless it is > 0."""
   step_size = _as_number(fn_name, "step_size", step_size)
@@ -209,14 +227,17 @@ def _detach(params: Any, x: jax.Array, y: Any) -> tuple[Any, jax.Array, Any]:
 
 def _linf_attack(apply_fn: ApplyFn, params: Any, x: jax.Array, y: Any, key: Any,
                  *, eps: float, step_size: float, steps: int, random_start: bool,
-                 box: Box, loss_fn: LossFn | None, fn_name: str) -> jax.Array:
+                 box: Box, loss_fn: LossFn | None, fn_name: str,
+                 x_init: jax.Array | None) -> jax.Array:
   """Signed-gradient ascent in the Linf ball; shared by pgd_linf and fgsm."""
   params, x, y = _detach(params, x, y)
   dtype = x.dtype
   x_clean = x.astype(_work_dtype(dtype))
   lo, hi = _linf_bounds(x_clean, eps, box)
   x_adv = x_clean
-  if random_start:
+  if x_init is not None:
+    x_adv = jnp.clip(lax.stop_gradient(x_init).astype(x_clean.dtype), lo, hi)
+  elif random_start:
     noise = jax.random.uniform(key, x_clean.shape, x_clean.dtype, -eps, eps)
     x_adv = jnp.clip(x_clean + noise, lo, hi)
   grad_fn = _input_grad_fn(apply_fn, params, y, loss_fn, dtype, fn_name)
@@ -232,7 +253,8 @@ def _linf_attack(apply_fn: ApplyFn, params: Any, x: jax.Array, y: Any, key: Any,
 def pgd_linf(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike,
              y: jax.typing.ArrayLike, key: jax.Array | None, *, eps: float,
              step_size: float, steps: int, random_start: bool = True,
-             box: Box = (0.0, 1.0), loss_fn: LossFn | None = None) -> jax.Array:
+             box: Box = (0.0, 1.0), loss_fn: LossFn | None = None,
+             x_init: jax.typing.ArrayLike | None = None) -> jax.Array:
   """Projected gradient ascent in the Linf ball (Madry et al., 2018).
 
   x_0 = clip_box(x + U(-eps, eps)) with a random start (x otherwise), then
@@ -251,6 +273,8 @@ def pgd_linf(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike,
     box: (lo, hi) valid input range, or None for no box.
     loss_fn: (logits, y) -> scalar to maximize; default is the summed softmax
       cross-entropy with integer labels.
+    x_init: first iterate instead of x or a random start (needs
+      random_start=False), shaped like x; projected onto the ball and the box.
 
   Returns:
     (B, ...) adversarial inputs with x's dtype, within eps of x in Linf and
@@ -262,17 +286,19 @@ def pgd_linf(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike,
   name = "pgd_linf"
   x = jnp.asarray(x)
   eps, box = _check_common(name, x, y, key, eps, random_start, box, loss_fn)
+  x_init = _check_init(name, x, x_init, random_start)
   step_size = _check_step_size(name, step_size)
   steps = _check_steps(name, steps)
   return _linf_attack(apply_fn, params, x, y, key, eps=eps, step_size=step_size,
                       steps=steps, random_start=random_start, box=box,
-                      loss_fn=loss_fn, fn_name=name)
+                      loss_fn=loss_fn, fn_name=name, x_init=x_init)
 
 
 def fgsm(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike,
          y: jax.typing.ArrayLike, key: jax.Array | None, *, eps: float,
          step_size: float | None = None, random_start: bool = True,
-         box: Box = (0.0, 1.0), loss_fn: LossFn | None = None) -> jax.Array:
+         box: Box = (0.0, 1.0), loss_fn: LossFn | None = None,
+         x_init: jax.typing.ArrayLike | None = None) -> jax.Array:
   """One signed-gradient step (Goodfellow et al., 2015), projected to ball and box.
 
   With random_start this is the FGSM-RS of "fast adversarial training" (Wong et
@@ -292,6 +318,8 @@ def fgsm(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike,
     box: (lo, hi) valid input range, or None for no box.
     loss_fn: (logits, y) -> scalar to maximize; default is the summed softmax
       cross-entropy with integer labels.
+    x_init: first iterate instead of x or a random start (needs
+      random_start=False), shaped like x; projected onto the ball and the box.
 
   Returns:
     (B, ...) adversarial inputs with x's dtype, within eps of x in Linf and
@@ -303,6 +331,7 @@ def fgsm(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike,
   name = "fgsm"
   x = jnp.asarray(x)
   eps, box = _check_common(name, x, y, key, eps, random_start, box, loss_fn)
+  x_init = _check_init(name, x, x_init, random_start)
   if step_size is None:
     step_size = 1.25 * eps if random_start else eps
     if step_size == 0:  # eps == 0: any positive step is projected away.
@@ -310,7 +339,7 @@ def fgsm(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike,
   step_size = _check_step_size(name, step_size)
   return _linf_attack(apply_fn, params, x, y, key, eps=eps, step_size=step_size,
                       steps=1, random_start=random_start, box=box,
-                      loss_fn=loss_fn, fn_name=name)
+                      loss_fn=loss_fn, fn_name=name, x_init=x_init)
 
 
 def _l2_norms(v: jax.Array) -> jax.Array:
@@ -319,10 +348,17 @@ def _l2_norms(v: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
 
 
+def _shrink_to_l2_ball(delta: jax.Array, eps: float) -> jax.Array:
+  """Projects per-example perturbations onto the L2 ball of radius eps."""
+  # Shrinks only deltas longer than eps; the max guards eps == 0.
+  return delta * jnp.minimum(1.0, eps / jnp.maximum(_l2_norms(delta), _TINY))
+
+
 def pgd_l2(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike,
            y: jax.typing.ArrayLike, key: jax.Array | None, *, eps: float,
            step_size: float, steps: int, random_start: bool = True,
-           box: Box = (0.0, 1.0), loss_fn: LossFn | None = None) -> jax.Array:
+           box: Box = (0.0, 1.0), loss_fn: LossFn | None = None,
+           x_init: jax.typing.ArrayLike | None = None) -> jax.Array:
   """Projected gradient ascent in the per-example L2 ball.
 
   x_0 = clip_box(x + delta_0) with delta_0 uniform in the ball (a Gaussian
@@ -344,6 +380,8 @@ def pgd_l2(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike,
     box: (lo, hi) valid input range, or None for no box.
     loss_fn: (logits, y) -> scalar to maximize; default is the summed softmax
       cross-entropy with integer labels.
+    x_init: first iterate instead of x or a random start (needs
+      random_start=False), shaped like x; projected onto the ball and the box.
 
   Returns:
     (B, ...) adversarial inputs with x's dtype, each within L2 distance eps of
@@ -355,13 +393,17 @@ def pgd_l2(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike,
   name = "pgd_l2"
   x = jnp.asarray(x)
   eps, box = _check_common(name, x, y, key, eps, random_start, box, loss_fn)
+  x_init = _check_init(name, x, x_init, random_start)
   step_size = _check_step_size(name, step_size)
   steps = _check_steps(name, steps)
   params, x, y = _detach(params, x, y)
   dtype = x.dtype
   x_clean = x.astype(_work_dtype(dtype))
   x_adv = x_clean
-  if random_start:
+  if x_init is not None:
+    delta = lax.stop_gradient(x_init).astype(x_clean.dtype) - x_clean
+    x_adv = _clip_box(x_clean + _shrink_to_l2_ball(delta, eps), box)
+  elif random_start:
     dir_key, radius_key = jax.random.split(key)
     direction = jax.random.normal(dir_key, x_clean.shape, x_clean.dtype)
     direction = direction / jnp.maximum(_l2_norms(direction), _TINY)
@@ -375,9 +417,7 @@ def pgd_l2(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike,
   def step(_, x_t):
     g = grad_fn(x_t)
     delta = x_t + step_size * g / jnp.maximum(_l2_norms(g), _TINY) - x_clean
-    # Shrinks only deltas longer than eps; the max guards eps == 0.
-    delta = delta * jnp.minimum(1.0, eps / jnp.maximum(_l2_norms(delta), _TINY))
-    return _clip_box(x_clean + delta, box)
+    return _clip_box(x_clean + _shrink_to_l2_ball(delta, eps), box)
 
   x_adv = lax.fori_loop(0, steps, step, x_adv)
   return lax.stop_gradient(x_adv.astype(dtype))

@@ -12,7 +12,7 @@ import re
 
 import ml_collections
 
-from admm_jax import projections
+from admm_jax import losses, projections
 from admm_jax.kernels import CONV_IMPLS
 
 STAGE_ORDER = ("pretrain", "admm", "retrain", "scratch")
@@ -68,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
       random_start=True,
       eval_steps=10,           # PGD steps for validation and test (> steps: a stronger attack)
       eval_step_size=0.02,
+      objective="madry",       # training loss of every stage: madry | trades | mart
+      beta=6.0,                # trades / mart: weight of the KL term (TRADES, MART on CIFAR-10)
   ))
   c.batch_size = 64            # global batch
   c.eval_batch_size = 500
@@ -207,6 +209,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _number(config, "attack.step_size", 0.0, 1.0, lo_open=True)
   _number(config, "attack.eval_step_size", 0.0, 1.0, lo_open=True)
   _positive_int(config, "attack.steps")
+  if config.attack.objective not in losses.OBJECTIVES:
+    _fail("attack.objective", config.attack.objective,
+          f"use one of {', '.join(losses.OBJECTIVES)}")
+  _number(config, "attack.beta", 0.0, 1000.0)
   _positive_int(config, "attack.eval_steps")
   _positive_int(config, "batch_size")
   _positive_int(config, "eval_batch_size")

@@ -150,6 +150,7 @@ class Context:
     a = config.attack
     self.train_attack = train.Attack(a.kind, a.eps, a.step_size, a.steps, a.random_start)
     self.eval_attack = train.Attack("pgd", a.eps, a.eval_step_size, a.eval_steps, True)
+    self.objective = train.Objective(a.objective, a.beta)
     self.spec = (sparsity.spec(configlib.parse_sparsity(config.sparsity))
                  if any(s in configlib.stages(config) for s in ("admm", "retrain")) else None)
     self._eval_steps = {}
@@ -318,14 +319,14 @@ def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
   ctx.metrics.truncate(stage, step // spe)
 
   train_step = train.jit_train_step(
-      model, tx, ctx.train_attack,
+      model, tx, ctx.train_attack, ctx.objective,
       in_shardings=(rt.replicated, rt.data, rt.replicated),
       out_shardings=(rt.replicated, rt.replicated))
   stage_key = ctx.key("train", stage)
   n_train = len(ctx.dataset.train)
-  logging.info("%s: %d epochs x %d steps of batch %d (%d examples), model %s(w=%d), attack %s",
-               stage, epochs, spe, cfg.batch_size, n_train, cfg.model.name, model.width,
-               ctx.train_attack)
+  logging.info("%s: %d epochs x %d steps of batch %d (%d examples), model %s(w=%d), attack %s, "
+               "%s", stage, epochs, spe, cfg.batch_size, n_train, cfg.model.name, model.width,
+               ctx.train_attack, ctx.objective)
   elapsed0 = float(carry["elapsed"])
   t_resume, step_resume = time.time(), step
   t_log, step_log = t_resume, step
@@ -475,7 +476,8 @@ def _report(ctx: Context, records: dict[str, dict]) -> dict[str, Any]:
                   "validation": len(ctx.dataset.validation), "test": len(ctx.dataset.test)},
       "attack": {"eps": a.eps, "steps": a.eval_steps, "step_size": a.eval_step_size,
                  "norm": "linf", "random_start": True,
-                 "train": {"kind": a.kind, "steps": a.steps, "step_size": a.step_size}},
+                 "train": {"kind": a.kind, "steps": a.steps, "step_size": a.step_size,
+                           "objective": a.objective, "beta": a.beta}},
       "devices": ctx.runtime.describe(),   # the mesh actually used, not all visible devices
       "stages": {}, "wall_time_s": {},
   }
@@ -501,6 +503,10 @@ def summary(report: dict[str, Any]) -> str:
   lines = [f"{report['dataset']['name']}: test accuracy, natural / under PGD-{a['steps']} "
            f"(Linf eps {a['eps']}, step {a['step_size']}), {report['devices']['count']} "
            f"{report['devices']['platform']} device(s)"]
+  trained = a["train"]
+  if trained["objective"] != "madry":  # Madry's loss is the default the header implies
+    lines.append(f"  trained with the {trained['objective']} objective (beta {trained['beta']}), "
+                 "evaluated with the same PGD as any run")
   for stage, rec in report["stages"].items():
     lines.append(f"  {stage:<9} w={rec['model']['width']:<3} natural {rec['natural_accuracy']:.4f}"
                  f"  adversarial {rec['adversarial_accuracy']:.4f}  params {rec['total_params']}"

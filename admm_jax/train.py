@@ -1,4 +1,5 @@
-"""Train state and the jitted steps: PGD adversarial training (Madry) and robust evaluation.
+"""Train state and the jitted steps: adversarial training (Madry, TRADES, MART) and robust
+evaluation.
 
 BatchNorm and the attack. During training the attack runs the model in *train mode* (batch
 statistics) without updating the running averages, then the loss runs in train mode on the
@@ -8,6 +9,12 @@ maximizer of the same function), and the running averages see one batch per step
 steps+1 of them with half-finished perturbations (the reference code's train-mode PGD
 updates them at every attack step). Evaluation attacks the deployed model: eval mode,
 running averages.
+
+TRADES and MART also need the clean batch's logits. That pass runs in train mode too, on the
+clean batch's own statistics (as the papers' code does with separate forward passes), and its
+running-average update is dropped: the averages still move once per step, from the
+adversarial batch, as under Madry's loss. The KL attack of TRADES uses the same train-mode
+clean logits as its target, so it again maximizes the very term the step minimizes.
 """
 from __future__ import annotations
 
@@ -21,9 +28,13 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from admm_jax import attacks
+from admm_jax import attacks, losses
 
 Metrics = dict[str, jax.Array]
+
+ATTACK_LOSSES = ("ce", "kl")
+# TRADES starts its KL attack this close to x: at x itself the KL term's gradient is zero.
+KL_START_STD = 1e-3
 
 
 class TrainState(struct.PyTreeNode):
@@ -47,14 +58,58 @@ class Attack:
     if self.kind not in ("pgd", "fgsm", "none"):
       raise ValueError(f"attack kind {self.kind!r} is unknown: use 'pgd', 'fgsm' or 'none'.")
 
-  def __call__(self, apply_fn, params, x, y, key):
+  def __call__(self, apply_fn, params, x, y, key, loss: str = "ce"):
+    """Adversarial inputs for (x, y).
+
+    loss "ce" maximizes the cross-entropy to the labels y; "kl" (TRADES) maximizes the KL
+    divergence KL(p(x) || p(x')) from the clean prediction, starting from
+    x + KL_START_STD * N(0, 1) whatever `random_start` says (the random start of "ce"
+    attacks would move the KL attack's start far from where TRADES puts it).
+    """
+    if loss not in ATTACK_LOSSES:
+      raise ValueError(f"attack loss {loss!r} is unknown: use 'ce' or 'kl'.")
     if self.kind == "none" or self.eps == 0:
       return x
+    if loss == "kl":
+      # Targets are the clean logits; the attacks detach them.
+      target, loss_fn = apply_fn(params, x), _kl_from_clean_sum
+      x_init = x + KL_START_STD * jax.random.normal(key, x.shape, x.dtype)
+      start = dict(random_start=False, x_init=x_init)
+    else:
+      target, loss_fn = y, None
+      start = dict(random_start=True if self.kind == "fgsm" else self.random_start)
     if self.kind == "fgsm":
-      return attacks.fgsm(apply_fn, params, x, y, key, eps=self.eps, step_size=self.step_size,
-                          random_start=True)
-    return attacks.pgd_linf(apply_fn, params, x, y, key, eps=self.eps, step_size=self.step_size,
-                            steps=self.steps, random_start=self.random_start)
+      return attacks.fgsm(apply_fn, params, x, target, key, eps=self.eps,
+                          step_size=self.step_size, loss_fn=loss_fn, **start)
+    return attacks.pgd_linf(apply_fn, params, x, target, key, eps=self.eps,
+                            step_size=self.step_size, steps=self.steps, loss_fn=loss_fn,
+                            **start)
+
+
+def _kl_from_clean_sum(logits_adv: jax.Array, logits_clean: jax.Array) -> jax.Array:
+  """Sum over the batch of KL(p(x) || p(x')): the TRADES attack's objective."""
+  return losses.kl_divergence(logits_clean, logits_adv).sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The adversarial training loss (admm_jax.losses): "madry", "trades" or "mart", with the
+  weight `beta` of the KL term (madry has none)."""
+  name: str = "madry"
+  beta: float = 6.0
+
+  def __post_init__(self):
+    if self.name not in losses.OBJECTIVES:
+      raise ValueError(f"objective {self.name!r} is unknown: use one of "
+                       f"{', '.join(losses.OBJECTIVES)}.")
+    if (isinstance(self.beta, bool) or not isinstance(self.beta, (int, float))
+        or not 0 <= self.beta < float("inf")):
+      raise ValueError(f"objective beta {self.beta!r} is invalid: use a finite number >= 0.")
+
+  @property
+  def attack_loss(self) -> str:
+    """What the training attack maximizes: the KL term for TRADES, else the cross-entropy."""
+    return "kl" if self.name == "trades" else "ce"
 
 
 def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
@@ -96,35 +151,44 @@ def logits_fn(model: nn.Module, batch_stats: Any, train: bool) -> Callable:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
-               model: nn.Module, tx: optax.GradientTransformation, attack: Attack
-               ) -> tuple[TrainState, Metrics]:
-  """One adversarial training step on the cross-entropy of the attacked batch.
+               model: nn.Module, tx: optax.GradientTransformation, attack: Attack,
+               objective: Objective = Objective()) -> tuple[TrainState, Metrics]:
+  """One adversarial training step on `objective`'s loss (Madry's: the cross-entropy of the
+  attacked batch).
 
   Args:
     state: the TrainState.
     batch: {"image": (B, H, W, C) float32 in [0, 1], "label": (B,) int32}.
     key: the stage's PRNG key; the step's key is folded in from state.step, so a resumed
       run draws the same random starts as an uninterrupted one.
-    model, tx, attack: static (close over them with functools.partial before jax.jit).
+    model, tx, attack, objective: static (close over them with functools.partial before
+      jax.jit); the objective decides what the attack maximizes (Objective.attack_loss).
 
   Returns:
-    (new state, metrics): sums over the batch of "loss" and "correct" (on the adversarial
-    batch) and "count", to be accumulated on device and fetched now and then.
+    (new state, metrics): sums over the batch of "loss" (the objective's per-example loss)
+    and "correct" (on the adversarial batch) and "count", to be accumulated on device and
+    fetched now and then.
   """
   x, y = batch["image"], batch["label"]
   step_key = jax.random.fold_in(key, state.step)
-  x_adv = attack(logits_fn(model, state.batch_stats, train=True), state.params, x, y, step_key)
+  x_adv = attack(logits_fn(model, state.batch_stats, train=True), state.params, x, y, step_key,
+                 loss=objective.attack_loss)
 
   def loss_fn(params):
     logits, new_stats = _apply(model, params, state.batch_stats, x_adv, train=True)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return losses.mean(), (losses, logits, new_stats)
+    if objective.name == "madry":
+      per_example = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    else:
+      logits_clean, _ = _apply(model, params, state.batch_stats, x, train=True)
+      per_example = losses.objective_losses(objective.name, logits_clean, logits, y,
+                                            objective.beta)
+    return per_example.mean(), (per_example, logits, new_stats)
 
-  grads, (losses, logits, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads, (per_example, logits, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=new_stats, opt_state=opt_state)
-  metrics = {"loss": losses.sum(), "correct": jnp.sum(jnp.argmax(logits, -1) == y),
+  metrics = {"loss": per_example.sum(), "correct": jnp.sum(jnp.argmax(logits, -1) == y),
              "count": jnp.asarray(y.shape[0], jnp.int32)}
   return new_state, metrics
 
@@ -152,9 +216,11 @@ def add_metrics(total: Metrics | None, new: Metrics) -> Metrics:
   return new if total is None else jax.tree.map(jnp.add, total, new)
 
 
-def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, attack: Attack, **jit_kw):
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, attack: Attack,
+                   objective: Objective = Objective(), **jit_kw):
   """train_step jitted once per stage, with the state donated (updated in place)."""
-  return jax.jit(functools.partial(train_step, model=model, tx=tx, attack=attack),
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, attack=attack,
+                                   objective=objective),
                  donate_argnums=(0,), **jit_kw)
 
 

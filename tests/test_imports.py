@@ -1,6 +1,6 @@
 """What importing admm_jax loads, and who changes process-wide settings.
 
-The core library (transforms, attacks, projections, sparsity) loads only what jax and optax
+The core library (transforms, attacks, projections, sparsity, losses) loads only what jax and optax
 bring, not the trainer's stack; models load the CPU kernels only when asked for them; malloc
 tuning is the CLI's explicit choice, never a side effect of tracing.
 """
@@ -32,7 +32,8 @@ def _modules_after(code: str) -> list[str]:
 def test_core_library_imports_no_application_modules():
   # A fresh interpreter: this test process has long since imported everything.
   out = _modules_after(
-      "import admm_jax.transforms, admm_jax.attacks, admm_jax.projections, admm_jax.sparsity")
+      "import admm_jax.transforms, admm_jax.attacks, admm_jax.projections, admm_jax.sparsity, "
+      "admm_jax.losses")
   loaded = [name for name in APPLICATION_MODULES
             if any(m == name or m.startswith(name + ".") for m in out)]
   assert not loaded, f"importing the core library loaded {loaded}"
