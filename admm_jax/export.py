@@ -575,8 +575,9 @@ def export_workdir(workdir: str, out: str, stage: str = "retrain",
 
     logging.info("export 3/6: writing params.npz, graph.json and %s", ARTIFACT)
     save_params(tmp, g, params)
+    compact_export = exported(g, params)
     with open(os.path.join(tmp, ARTIFACT), "wb") as f:
-      f.write(serialize(g, params))
+      f.write(compact_export.serialize())
     with open(os.path.join(tmp, ARTIFACT), "rb") as f:
       artifact = jax.export.deserialize(bytearray(f.read()))
     dense_artifact_bytes = len(serialize(dense_graph, dense_params))
@@ -584,7 +585,7 @@ def export_workdir(workdir: str, out: str, stage: str = "retrain",
     logging.info("export 4/6: natural and PGD-%d accuracy of the artifact on %d test examples",
                  config.attack.eval_steps, len(dataset.test))
     masked_fn = lambda x: model.apply(masked, x, train=False)
-    with_vjp = jax.export.deserialize(serialize(g, params, vjp_order=1))
+    with_vjp = jax.export.deserialize(compact_export.serialize(vjp_order=1))
     evaluation = _evaluate(with_vjp, masked_fn, dataset, config, stage)
     # The file itself: same logits as the in-memory twin used for the attack.
     probe = next(iter(data.epoch_batches(dataset.test, min(64, len(dataset.test)), seed=0,
