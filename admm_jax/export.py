@@ -413,9 +413,9 @@ STAGES_WITH_SPARSITY = ("admm", "retrain")
 
 def _finished_stages(workdir: str) -> list[str]:
   folder = os.path.join(workdir, "outputs")
-  names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json")) \
-      if os.path.isdir(folder) else []
-  return names
+  if not os.path.isdir(folder):
+    return []
+  return sorted(f[:-len(".json")] for f in os.listdir(folder) if f.endswith(".json"))
 
 
 def _read_stage(workdir: str, stage: str) -> tuple[dict, dict]:

@@ -72,8 +72,10 @@ class Graph:
     """Logits for images `x` (B, H, W, C) in [0, 1]; `params` as in the module docstring."""
     env = {}
     for n in self.nodes:
-      env[n.name] = OPS[n.op](n, params.get(n.name, {}), *[env[i] for i in n.inputs]) \
-          if n.op != "input" else x
+      if n.op == "input":
+        env[n.name] = x
+      else:
+        env[n.name] = OPS[n.op](n, params.get(n.name, {}), *[env[i] for i in n.inputs])
     return env[self.nodes[-1].name]
 
   def to_json(self) -> dict[str, Any]:
