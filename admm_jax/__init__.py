@@ -7,7 +7,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("attacks", "losses", "projections", "sparsity", "transforms", "models", "data",
-               "train", "pipeline", "checkpoint", "parallel", "configlib", "kernels")
+               "train", "pipeline", "checkpoint", "parallel", "configlib", "kernels", "graph",
+               "export")
 
 
 def __getattr__(name):

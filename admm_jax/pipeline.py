@@ -138,6 +138,15 @@ def optimizer(stage_cfg: ml_collections.ConfigDict, schedule: optax.Schedule
 
 # ------------------------------------------------------------------------------ stages
 
+def purpose_key(root_key: jax.Array, *purpose: str) -> jax.Array:
+  """The run's key for a purpose, e.g. ("test", "retrain"): the root key folded with each
+  name's CRC (the export recomputes the test split's attacks with the same keys)."""
+  key = root_key
+  for p in purpose:
+    key = jax.random.fold_in(key, zlib.crc32(p.encode()) & 0x7FFFFFFF)
+  return key
+
+
 class Context:
   """What every stage shares: config, data, runtime, keys, files."""
 
@@ -160,10 +169,7 @@ class Context:
                             conv_impl=self.config.model.conv_impl)
 
   def key(self, *purpose: str) -> jax.Array:
-    key = self.root_key
-    for p in purpose:
-      key = jax.random.fold_in(key, zlib.crc32(p.encode()) & 0x7FFFFFFF)
-    return key
+    return purpose_key(self.root_key, *purpose)
 
   def steps_per_epoch(self) -> int:
     return data.steps_per_epoch(len(self.dataset.train), self.config.batch_size)
