@@ -6,12 +6,15 @@ Layout of a workdir:
   outputs/<stage>.json          written last: the stage is finished (its test metrics)
   metrics.jsonl                 one line per epoch and stage
   report.json                   the result of the run (rewritten after every stage)
+  run.lock                      pid, host and start of the run using the workdir (reliability)
 
 Running the same command again skips finished stages and resumes an unfinished one from its
 newest readable checkpoint ("resuming from <stage> step <n>"). The data order, the augmentation
 and every PRNG key are pure functions of (seed, stage, step), and the epoch's running metrics
 and best-so-far model are in the checkpoint, so a resumed run ends with the same numbers as
-an uninterrupted one.
+an uninterrupted one. SIGTERM/SIGINT, NaN/Inf, damaged files and a full disk end the same
+way or in one sentence: admm_jax/reliability.py, called at run start (lock, signals), at each
+logging interval and checkpoint (stop flag, finite check) and at stage end (output, warnings).
 """
 from __future__ import annotations
 
