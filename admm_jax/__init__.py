@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = ("attacks", "losses", "projections", "sparsity", "transforms", "models", "data",
                "train", "pipeline", "checkpoint", "parallel", "configlib", "kernels", "graph",
-               "export")
+               "export", "reliability")
 
 
 def __getattr__(name):

@@ -12,7 +12,10 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from admm_jax import reliability
 
 
 class CheckpointError(RuntimeError):
@@ -27,9 +30,42 @@ def manager(directory: str | os.PathLike[str], max_to_keep: int = 2) -> ocp.Chec
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
-  """Saves `state` at `step` and waits until it is on disk (a resumable point)."""
-  mngr.save(step, args=ocp.args.StandardSave(state), force=True)
-  mngr.wait_until_finished()
+  """Saves `state` at `step` and waits until it is on disk (a resumable point).
+
+  Raises:
+    reliability.DiskError: the disk is full or unwritable; the older steps stay as they were
+      (orbax writes into a temporary directory and renames it only when complete).
+  """
+  if step in mngr.all_steps():
+    # Only a step restore_latest skipped as unreadable can be ahead of the resumed state.
+    logging.warning("replacing the unreadable checkpoint step %d in %s", step, mngr.directory)
+    mngr.delete(step)
+  with reliability.disk_errors(f"writing checkpoint step {step} to {mngr.directory}"):
+    mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+    mngr.wait_until_finished()
+
+
+def save_output(directory: str | os.PathLike[str], tree: Any) -> bool:
+  """Saves a stage's result as step 0 of `directory`, whatever an earlier attempt left there.
+
+  A run stopped between this save and the stage's marker left a step 0 behind: reused when
+  it restores to exactly `tree`, replaced when it is unreadable or differs (it was never
+  marked finished, so it is no result yet). Returns True when it was reused.
+  """
+  with manager(directory, 1) as mngr:
+    if 0 in mngr.all_steps():
+      try:
+        old = mngr.restore(0, args=ocp.args.StandardRestore(abstract_like(tree)))
+        same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b, equal_nan=True)), old, tree)
+        if all(jax.tree.leaves(same)):
+          return True
+        reason = "it differs from this run's result"
+      except Exception as e:  # damaged: orbax raises ValueError/FileNotFoundError/...
+        reason = f"it is unreadable: {str(e).splitlines()[0][:200]}"
+      logging.warning("replacing the unfinished output in %s (%s)", mngr.directory, reason)
+      mngr.delete(0)
+    save(mngr, 0, tree)
+  return False
 
 
 def abstract_like(state: Any) -> Any:

@@ -21,6 +21,11 @@ SCHEDULES = ("constant", "cosine", "steps", "admm")
 LOCAL_DATASETS = ("mnist", "fashion_mnist")   # IDX files in data.dir; with data.dir='' any TFDS
 _TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[a-z0-9_.]+)?(:[0-9.*]+)?")  # image dataset by name
 MODELS = ("lenet", "vgg16", "resnet18")
+# Upper bounds for values that cannot work beyond them (memory, hours per step, int32 steps).
+MAX_WIDTH = 1024           # LeNet/VGG/ResNet width multiplier (16 is the paper's full size)
+MAX_BATCH = 2**20
+MAX_ATTACK_STEPS = 10_000
+MAX_EPOCHS = 100_000
 
 
 class ConfigError(ValueError):
@@ -155,12 +160,14 @@ def _fail(field: str, value, allowed: str):
   raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}.")
 
 
-def _positive_int(config, field: str, zero_ok: bool = False):
+def _positive_int(config, field: str, zero_ok: bool = False, most: int = 2**31 - 1):
+  """An int in [0 or 1, most]; the default bound keeps step and seed arithmetic in int32/64."""
   value = config
   for part in field.split("."):
     value = value[part]
-  if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
-    _fail(field, value, "use an integer >= 0" if zero_ok else "use an integer >= 1")
+  least = 0 if zero_ok else 1
+  if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+    _fail(field, value, f"use an integer in [{least}, {most}]")
 
 
 def _number(config, field: str, lo: float, hi: float, lo_open=False, hi_open=False):
@@ -191,15 +198,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("data.name", config.data.name, f"use one of {', '.join(LOCAL_DATASETS)} or, with "
           "data.dir='', a TFDS image classification dataset such as cifar10")
   if config.data.dir and config.data.name not in LOCAL_DATASETS:
-    _fail("data.dir", config.data.dir, "local IDX files exist only for mnist and fashion_mnist; "
-          f"set data.dir='' to use TFDS for {config.data.name}")
+    _fail("data.dir", config.data.dir, "local IDX files exist only for mnist and fashion_mnist, "
+          f"not config.data.name={config.data.name!r}; set data.dir='' to use TFDS for it")
   for f in ("data.validation_size", "data.limit_train", "data.limit_test"):
     _positive_int(config, f, zero_ok=True)
   if config.data.augment not in ("none", "cifar"):
     _fail("data.augment", config.data.augment, "use 'none' or 'cifar'")
   if config.model.name not in MODELS:
     _fail("model.name", config.model.name, f"use one of {', '.join(MODELS)}")
-  _positive_int(config, "model.width")
+  _positive_int(config, "model.width", most=MAX_WIDTH)
   if config.model.conv_impl not in CONV_IMPLS:
     _fail("model.conv_impl", config.model.conv_impl,
           f"use one of {', '.join(CONV_IMPLS)} (see admm_jax.models.conv_module)")
@@ -208,20 +215,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _number(config, "attack.eps", 0.0, 1.0)
   _number(config, "attack.step_size", 0.0, 1.0, lo_open=True)
   _number(config, "attack.eval_step_size", 0.0, 1.0, lo_open=True)
-  _positive_int(config, "attack.steps")
+  _positive_int(config, "attack.steps", most=MAX_ATTACK_STEPS)
+  _positive_int(config, "attack.eval_steps", most=MAX_ATTACK_STEPS)
   if config.attack.objective not in losses.OBJECTIVES:
     _fail("attack.objective", config.attack.objective,
           f"use one of {', '.join(losses.OBJECTIVES)}")
   _number(config, "attack.beta", 0.0, 1000.0)
-  _positive_int(config, "attack.eval_steps")
-  _positive_int(config, "batch_size")
-  _positive_int(config, "eval_batch_size")
+  _positive_int(config, "batch_size", most=MAX_BATCH)
+  _positive_int(config, "eval_batch_size", most=MAX_BATCH)
   _positive_int(config, "log_every_steps")
   _positive_int(config, "checkpoint_every_steps")
   _positive_int(config, "max_checkpoints")
   for s in STAGE_ORDER:
     stage = config[s]
-    _positive_int(config, f"{s}.epochs", zero_ok=(s == "scratch"))
+    _positive_int(config, f"{s}.epochs", zero_ok=(s == "scratch"), most=MAX_EPOCHS)
     if stage.optimizer not in OPTIMIZERS:
       _fail(f"{s}.optimizer", stage.optimizer, f"use one of {', '.join(OPTIMIZERS)}")
     _number(config, f"{s}.lr", 0.0, 10.0, lo_open=True)
@@ -230,13 +237,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if stage.schedule not in SCHEDULES or (stage.schedule == "admm" and s != "admm"):
       _fail(f"{s}.schedule", stage.schedule, "use constant, cosine or steps (admm: also admm)")
     _number(config, f"{s}.warmup_epochs", 0.0, float(max(stage.epochs, 1)))
-    if any(not isinstance(e, int) or e < 1 for e in stage.lr_drop_epochs):
-      _fail(f"{s}.lr_drop_epochs", stage.lr_drop_epochs, "use a tuple of epochs >= 1")
+    if any(isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= max(stage.epochs, 1)
+           for e in stage.lr_drop_epochs):
+      _fail(f"{s}.lr_drop_epochs", stage.lr_drop_epochs,
+            f"use a tuple of epochs in [1, {s}.epochs={stage.epochs}]")
   _number(config, "admm.rho", 0.0, 1e6, lo_open=True)
   _number(config, "admm.rho_growth", 0.0, 100.0, lo_open=True)
   _number(config, "admm.update_every_epochs", 0.0, 1e6, lo_open=True)
-  _positive_int(config, "scratch.width")
+  _positive_int(config, "scratch.width", most=MAX_WIDTH)
   _positive_int(config, "parallel.data_axis", zero_ok=True)
+  _positive_int(config, "parallel.num_processes", zero_ok=True)
+  p = config.parallel
+  if isinstance(p.process_id, bool) or not isinstance(p.process_id, int) or not (
+      -1 <= p.process_id < (p.num_processes or 2**31 - 1)):
+    _fail("parallel.process_id", p.process_id, "use -1 (detect) or an integer in [0, "
+          "parallel.num_processes)")
   if any(s in names for s in ("admm", "retrain")):
     try:
       rules = parse_sparsity(config.sparsity)

@@ -27,9 +27,9 @@ _TUNE_MALLOC = flags.DEFINE_bool(
 
 def _user_errors():
   """Errors that are the user's to fix: one sentence, exit code 2, no traceback."""
-  from admm_jax import checkpoint, configlib, data, parallel, pipeline
+  from admm_jax import checkpoint, configlib, data, parallel, pipeline, reliability
   return (configlib.ConfigError, data.DataError, pipeline.WorkdirError,
-          checkpoint.CheckpointError, parallel.ParallelError)
+          checkpoint.CheckpointError, parallel.ParallelError, reliability.RunStopped)
 
 
 def _tune_malloc(config) -> None:
@@ -58,8 +58,15 @@ def main(argv):
     from admm_jax import pipeline
     report = pipeline.train_and_evaluate(config, _WORKDIR.value)
   except _user_errors() as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    # A stop on purpose (reliability.RunStopped) carries its own code: 128 + signal after
+    # SIGTERM/SIGINT, 2 otherwise.
+    interrupted = type(e).__name__ == "Interrupted"
+    print(str(e) if interrupted else f"error: {e}", file=sys.stderr)
+    sys.exit(getattr(e, "exit_code", 2))
+  except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was pending
+    print("error: interrupted twice: stopped without a new checkpoint; run the same command "
+          "again to resume from the last one.", file=sys.stderr)
+    sys.exit(130)
   if parallel.is_writer():  # one summary, not one per host
     print(pipeline.summary(report))
     print(f"report: {os.path.join(os.path.abspath(_WORKDIR.value), 'report.json')}")

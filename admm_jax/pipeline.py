@@ -6,12 +6,15 @@ Layout of a workdir:
   outputs/<stage>.json          written last: the stage is finished (its test metrics)
   metrics.jsonl                 one line per epoch and stage
   report.json                   the result of the run (rewritten after every stage)
+  run.lock                      pid, host and start of the run using the workdir (reliability)
 
 Running the same command again skips finished stages and resumes an unfinished one from its
 newest readable checkpoint ("resuming from <stage> step <n>"). The data order, the augmentation
 and every PRNG key are pure functions of (seed, stage, step), and the epoch's running metrics
 and best-so-far model are in the checkpoint, so a resumed run ends with the same numbers as
-an uninterrupted one.
+an uninterrupted one. SIGTERM/SIGINT, NaN/Inf, damaged files and a full disk end the same
+way or in one sentence: admm_jax/reliability.py, called at run start (lock, signals), at each
+logging interval and checkpoint (stop flag, finite check) and at stage end (output, warnings).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from admm_jax import checkpoint, configlib, data, models, parallel, sparsity, train, transforms
+from admm_jax import (checkpoint, configlib, data, models, parallel, reliability, sparsity, train,
+                      transforms)
 
 # Stage -> the stage whose output it starts from.
 INPUT_OF = {"admm": "pretrain", "retrain": "admm"}
@@ -63,13 +67,7 @@ def prepare_workdir(workdir: str) -> str:
   return path
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes JSON via a temporary file and a rename: a crash never leaves half a file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path)
+write_json_atomic = reliability.write_json_atomic
 
 
 class MetricsLog:
@@ -163,6 +161,7 @@ class Context:
     self.spec = (sparsity.spec(configlib.parse_sparsity(config.sparsity))
                  if any(s in configlib.stages(config) for s in ("admm", "retrain")) else None)
     self._eval_steps = {}
+    self.stops = reliability.StopRequests()  # inactive; train_and_evaluate installs its own
 
   def model(self, width: int):
     return models.get_model(self.config.model.name, width, self.dataset.num_classes,
@@ -212,7 +211,13 @@ def load_output(ctx: Context, stage: str, like: dict) -> dict | None:
     if os.path.exists(done):
       with checkpoint.manager(out_dir) as mngr:
         # A replicated target: every process restores the global arrays (multi-host).
-        step, restored = checkpoint.restore_latest(mngr, ctx.runtime.replicate(like))
+        try:
+          step, restored = checkpoint.restore_latest(mngr, ctx.runtime.replicate(like))
+        except checkpoint.CheckpointError:
+          raise checkpoint.CheckpointError(
+              f"the output of stage {stage!r} in {out_dir} is damaged: rerun {stage} by moving "
+              f"{out_dir} and {done} aside and running the same command (with that workdir) "
+              "again; it resumes from the stage's last checkpoint.") from None
       if restored is None:
         raise checkpoint.CheckpointError(f"stage {stage!r} is marked finished in {root} but "
                                          f"{out_dir} holds no output: rerun that stage.")
@@ -284,8 +289,7 @@ def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
   """Trains one stage to the end (resuming if it can) and returns its record."""
   ckpt_dir, out_dir, done_path = _stage_dirs(ctx.workdir, stage)
   if os.path.exists(done_path):
-    with open(done_path) as f:
-      record = json.load(f)
+    record = reliability.read_json(done_path, stage)
     logging.info("%s: finished earlier (natural %.4f, adversarial %.4f); skipping", stage,
                  record["natural_accuracy"], record["adversarial_accuracy"])
     return record
@@ -336,6 +340,7 @@ def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
   elapsed0 = float(carry["elapsed"])
   t_resume, step_resume = time.time(), step
   t_log, step_log = t_resume, step
+  stop = False
 
   while step < total_steps:
     epoch, start = divmod(step, spe)
@@ -360,17 +365,38 @@ def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
                        host["loss"] / max(host["count"], 1),
                        host["correct"] / max(host["count"], 1))
           t_log, step_log = now, step
-        if step % spe and step % cfg.checkpoint_every_steps == 0:
+          _check_finite(ctx, stage, step, metrics, state, mngr)
+        stop = ctx.stops.requested(step)  # SIGTERM/SIGINT: checkpoint here, then stop
+        if step % spe and (step % cfg.checkpoint_every_steps == 0 or stop):
+          _check_finite(ctx, stage, step, metrics, state, mngr)  # never save NaN/Inf
           # replicate: elapsed is a host value (process 0's wins); orbax saves global arrays.
           carry = rt.replicate(dict(
               carry, train=state, epoch_metrics=metrics,
               elapsed=jnp.asarray(elapsed0 + time.time() - t_resume, jnp.float32)))
           checkpoint.save(mngr, step, carry)
+          if stop:
+            ctx.stops.stop(stage, step)
+    _check_finite(ctx, stage, step, metrics, state, mngr)
     carry = _end_epoch(ctx, stage, model, dict(carry, train=state, epoch_metrics=metrics),
                        epoch, elapsed0 + time.time() - t_resume)
     checkpoint.save(mngr, step, carry)
+    if stop:
+      ctx.stops.stop(stage, step)
 
   return _finish_stage(ctx, stage, model, carry, out_dir, done_path, t_start, mngr)
+
+
+def _check_finite(ctx: Context, stage: str, step: int, metrics: dict, state, mngr) -> None:
+  reliability.check_finite(stage, step, metrics["loss"], state.params, ctx.config[stage].lr,
+                           mngr.latest_step())
+
+
+def _chance_warnings(ctx: Context, stage: str, val: np.ndarray, test: dict) -> list[str]:
+  """A warning when the stage's model is no better than guessing (validation, else test)."""
+  acc, n = float(val[0]), len(ctx.dataset.validation)
+  if np.isnan(acc):
+    acc, n = test["natural_accuracy"], test["count"]
+  return reliability.chance_warnings(stage, acc, ctx.dataset.num_classes, n, ctx.config[stage].lr)
 
 
 def _end_epoch(ctx: Context, stage: str, model, carry: dict, epoch: int, elapsed: float) -> dict:
@@ -435,8 +461,8 @@ def _finish_stage(ctx: Context, stage: str, model, carry: dict, out_dir: str, do
     params, batch_stats, chosen = state.params, state.batch_stats, "last epoch"
     val = jax.device_get(carry["last_val"])
   test = ctx.evaluate(model, params, batch_stats, "test", ctx.key("test", stage))
-  with checkpoint.manager(out_dir, 1) as out:
-    checkpoint.save(out, 0, {"params": params, "batch_stats": batch_stats})
+  # Reuses or replaces what a run stopped before the marker left behind (crash-consistent).
+  checkpoint.save_output(out_dir, {"params": params, "batch_stats": batch_stats})
   record = {"natural_accuracy": test["natural_accuracy"],
             "adversarial_accuracy": test["adversarial_accuracy"], "test_examples": test["count"],
             "selected": chosen, "epochs": _epochs(ctx, stage), "steps": int(state.step),
@@ -462,6 +488,9 @@ def _finish_stage(ctx: Context, stage: str, model, carry: dict, out_dir: str, do
   if ctx.spec is not None and stage in ("admm", "retrain"):
     rep = sparsity.report(jax.device_get(params), ctx.spec)
     record["sparsity"] = rep.to_dict()
+  record["warnings"] = _chance_warnings(ctx, stage, val, test)
+  for warning in record["warnings"]:
+    logging.warning(warning)
   if ctx.is_writer:
     write_json_atomic(done_path, record)
   parallel.sync(f"{stage} finished")  # the next stage's load_output reads done_path
@@ -486,6 +515,8 @@ def _report(ctx: Context, records: dict[str, dict]) -> dict[str, Any]:
                            "objective": a.objective, "beta": a.beta}},
       "devices": ctx.runtime.describe(),   # the mesh actually used, not all visible devices
       "stages": {}, "wall_time_s": {},
+      # every stage's warnings (chance-level accuracy), repeated in the summary
+      "warnings": [w for rec in records.values() for w in rec.get("warnings", [])],
   }
   for stage, rec in records.items():
     report["stages"][stage] = {k: v for k, v in rec.items() if k != "sparsity"}
@@ -530,6 +561,7 @@ def summary(report: dict[str, Any]) -> str:
     sp = report["sparsity"]
     lines.append(f"  {sp['stage']} model: {sp['nonzero_params']} of {sp['total_params']} weights "
                  f"nonzero, compression {sp['compression']:.1f}x")
+  lines += [f"warning: {w}" for w in report.get("warnings", [])]
   return "\n".join(lines)
 
 
@@ -561,12 +593,20 @@ def make_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the configured stages in `workdir` and returns (and writes) the report."""
-  ctx = make_context(config, workdir)
-  workdir, records = ctx.workdir, {}
-  for stage in configlib.stages(config):
-    records[stage] = run_stage(ctx, stage)
-    report = _report(ctx, records)
-    if ctx.is_writer:
-      write_json_atomic(os.path.join(workdir, "report.json"), report)
+  """Runs the configured stages in `workdir` and returns (and writes) the report.
+
+  One run per workdir (a lock); SIGTERM/SIGINT checkpoint and stop at the next step; a full
+  disk is one sentence (reliability.RunStopped and its exit code).
+  """
+  configlib.validate(config)  # a bad config touches nothing, not even the lock
+  workdir, stops = prepare_workdir(workdir), reliability.StopRequests(config.log_every_steps)
+  with (reliability.workdir_lock(workdir), stops.installed(),
+        reliability.disk_errors(f"writing to the workdir {workdir}")):
+    ctx = make_context(config, workdir)
+    ctx.stops, records = stops, {}
+    for stage in configlib.stages(config):
+      records[stage] = run_stage(ctx, stage)
+      report = _report(ctx, records)
+      if ctx.is_writer:
+        write_json_atomic(os.path.join(workdir, "report.json"), report)
   return report

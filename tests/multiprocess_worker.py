@@ -7,11 +7,14 @@ global batches. Each process trains LeNet(1) with PGD and the ADMM transform (so
 rho are part of the replicated state) for a few steps on synthetic images whose first two
 pixels encode the example's index, saves and restores the state with orbax (all processes
 take part), and writes DIR/process<i>.npz: the indices it read per step, the final params,
-the global metrics, and whether the restored state equals the trained one.
+the global metrics, whether the restored state equals the trained one, who held the workdir
+lock and at which step a Ctrl-C on the last process stopped this one.
 XLA_FLAGS (devices per process) comes from the environment the test sets.
 """
 import argparse
+import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -82,13 +85,30 @@ def main() -> int:
                                             jax.tree.leaves(jax.device_get(state))))
   admm_state = transforms.find_admm_state(state.opt_state)
 
+  # Stopping together: process 0 alone holds the workdir lock; a Ctrl-C on the last process
+  # stops every process at the same agreed step boundary (every 3 steps here).
+  from admm_jax import reliability
+  lock_dir = os.path.join(args.out, f"workdir_{args.num_processes}")
+  os.makedirs(lock_dir, exist_ok=True)
+  with reliability.workdir_lock(lock_dir):
+    parallel.sync("locked")
+    with open(os.path.join(lock_dir, reliability.LOCK_FILE)) as f:
+      lock_pid = json.load(f)["pid"]
+    parallel.sync("lock read")
+  stops = reliability.StopRequests(agree_every=3)
+  with stops.installed():
+    if jax.process_index() == args.num_processes - 1:
+      os.kill(os.getpid(), signal.SIGINT)
+    stop_at = next(step for step in range(1, 10) if stops.requested(step))
+
   flat = {"param/" + sparsity.path_str(p): np.asarray(v)
           for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))}
   host = jax.device_get(metrics)
   np.savez(os.path.join(args.out, f"process{jax.process_index()}_of_{args.num_processes}.npz"),
            read=np.stack(read), loss=host["loss"], correct=host["correct"], count=host["count"],
            restored_equal=same, rho=np.asarray(admm_state.rho),
-           mesh_size=rt.num_devices, process_count=jax.process_count(), **flat)
+           mesh_size=rt.num_devices, process_count=jax.process_count(), pid=os.getpid(),
+           lock_pid=lock_pid, stop_at=stop_at, **flat)
   parallel.shutdown_distributed()
   return 0
 

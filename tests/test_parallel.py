@@ -266,3 +266,7 @@ def test_two_processes_read_disjoint_data_and_end_equal_to_one_process(tmp_path)
     np.testing.assert_allclose(p0[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
   # orbax saved and restored the replicated state with both processes taking part.
   assert bool(p0["restored_equal"]) and bool(p1["restored_equal"]) and bool(ref["restored_equal"])
+  # One lock, held by process 0; a Ctrl-C on process 1 stopped both at the same step (the
+  # first agreement point), the lone process at once.
+  assert int(p0["lock_pid"]) == int(p1["lock_pid"]) == int(p0["pid"]) != int(p1["pid"])
+  assert int(p0["stop_at"]) == int(p1["stop_at"]) == 3 and int(ref["stop_at"]) == 1
