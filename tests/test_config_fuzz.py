@@ -26,6 +26,7 @@ STAGE_FIELDS = ("momentum", "weight_decay", "warmup_epochs", "lr_drop_epochs")
 ACCEPTED = {
     "zero": {"seed", "data.validation_size", "data.limit_train", "data.limit_test",  # 0 = none/all
              "attack.eps",                                    # natural training
+             "attack.beta",                                   # trades/mart: no KL term
              "parallel.data_axis", "parallel.num_processes",  # 0 = all devices / detect
              "parallel.process_id", "scratch.epochs",         # process 0 / the others' total
              "*.momentum", "*.weight_decay", "*.warmup_epochs"},
