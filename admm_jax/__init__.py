@@ -6,7 +6,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("attacks", "projections", "sparsity", "transforms", "models", "data",
+_SUBMODULES = ("attacks", "autoattack", "projections", "sparsity", "transforms", "models", "data",
                "train", "pipeline", "checkpoint", "parallel", "configlib", "kernels")
 
 
