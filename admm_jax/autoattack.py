@@ -874,6 +874,7 @@ def by_name(name: str) -> AttackFn:
              key: jax.Array, *, eps: float, norm: str, box: Box = (0.0, 1.0),
              active: jax.typing.ArrayLike | None = None) -> jax.Array:
     x = jnp.asarray(x)
+    eps = _check_in(name, "eps", eps, 0.0, math.inf, False, True)
     norm = _check_choice(name, "norm", norm, NORMS)
     active = _check_active(name, active, x.shape[0])
     return member(apply_fn, params, x, y, key, eps=eps, norm=norm, box=box, active=active)
