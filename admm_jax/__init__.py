@@ -6,9 +6,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("attacks", "losses", "projections", "sparsity", "transforms", "models", "data",
-               "train", "pipeline", "checkpoint", "parallel", "configlib", "kernels", "graph",
-               "export", "reliability")
+_SUBMODULES = ("attacks", "autoattack", "losses", "projections", "sparsity", "transforms",
+               "models", "data", "train", "pipeline", "checkpoint", "parallel", "configlib",
+               "kernels", "graph", "export", "reliability")
 
 
 def __getattr__(name):

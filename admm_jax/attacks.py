@@ -421,3 +421,23 @@ def pgd_l2(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike,
 
   x_adv = lax.fori_loop(0, steps, step, x_adv)
   return lax.stop_gradient(x_adv.astype(dtype))
+
+
+# AutoAttack's members and their cascade live in admm_jax.autoattack, which builds on the
+# helpers above; they are served from here too, imported on first use (an import at the top
+# would be circular).
+_AUTOATTACK_EXPORTS = ("ATTACK_NAMES", "STANDARD_NAMES", "NORMS", "APGD_LOSSES",
+                       "CLEAN_MISCLASSIFIED", "NEVER_BROKEN", "CascadeResult", "apgd",
+                       "apgd_checkpoints", "apgd_targeted", "autoattack", "by_name", "cascade",
+                       "dlr_loss", "fab", "square", "targeted_dlr_loss")
+
+
+def __getattr__(name: str) -> Any:
+  if name in _AUTOATTACK_EXPORTS:
+    from admm_jax import autoattack
+    return getattr(autoattack, name)
+  raise AttributeError(f"module 'admm_jax.attacks' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(list(globals()) + list(_AUTOATTACK_EXPORTS))
