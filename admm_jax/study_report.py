@@ -44,7 +44,7 @@ class Stat:
   def text(self, sign: bool = False) -> str:
     """'71.2 ± 0.8 (n=2)' in %; with sign=True a difference in points: '+3.1 ± 1.0'."""
     mean = f"{100 * self.mean:+.1f}" if sign else f"{100 * self.mean:.1f}"
-    spread = f" ± {100 * self.spread:.1f}" if self.n > 1 else ""
+    spread = f" ± {100 * self.spread:.1f}" if self.n > 1 or self.spread else ""
     return f"{mean}{spread}" + ("" if sign else f" (n={self.n})")
 
 
@@ -253,7 +253,7 @@ def plot_pruned_scratch_inherited(cells: list[dict], path: str) -> str | None:
 
 def _cell_table(cells: list[dict]) -> list[str]:
   lines = ["| cell | status | stage | natural % | adversarial % | nonzero params | "
-           "compression | wall s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "compression | stages' wall s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for c in cells:
     r = c["results"]
     if r:
@@ -278,8 +278,11 @@ def render(summary: dict[str, Any], plots: dict[str, str | None]) -> str:
            "`admm_jax.evaluate` exists). Numbers: test accuracy %, mean ± sample standard "
            "deviation over seeds (n = seeds). Holds? " + RULE + ".", ""]
   finished = sum(c["status"] == "finished" for c in cells)
-  lines += [f"{finished} of {len(cells)} cells finished"
-            + (f" in {summary['wall_time_s']:.0f} s." if "wall_time_s" in summary else "."), ""]
+  busy = sum(c["results"]["wall_time_s"] for c in cells if c["results"])
+  lines += [f"{finished} of {len(cells)} cells finished; their stages trained and evaluated for "
+            f"{busy / 60:.1f} minutes in all"
+            + (f" (this invocation of the study: {summary['wall_time_s'] / 60:.1f} minutes)."
+               if "wall_time_s" in summary else "."), ""]
   for i, (title, claim, rows_fn, plot_name) in enumerate(FINDINGS, 1):
     lines += [f"## {i}. {title}", "", f"Paper: {claim}", "",
               "| claim | measured here (mean ± spread, seeds) | holds? |",

@@ -39,7 +39,7 @@ _require(_importable("tensorboard"), "tensorboard")
 
 
 def micro_study(**fields):
-  """Every cell kind once per seed, on the :tiny recipe made smaller still (4 steps a stage).
+  """Every cell kind once, on the :tiny recipe made smaller still (4 steps a stage);
   scratch/inherited share the pretrain/retrain optimizers, so most programs compile once."""
   run = study.load_config(os.path.join(ROOT, "configs", "fashion_mnist_lenet.py"), "tiny")
   run.data.update(limit_train=128, validation_size=64, limit_test=128)
@@ -47,7 +47,7 @@ def micro_study(**fields):
   run.attack.update(steps=2, eval_steps=2)
   run.pretrain.epochs = run.admm.epochs = run.retrain.epochs = 1
   run.inherited.update(warmup_epochs=run.retrain.warmup_epochs, lr=run.retrain.lr)
-  grid = dict(seeds=(0, 1), widths=(1, 2), wide_width=2, target_widths=(1,), schemes="filter",
+  grid = dict(seeds=(0,), widths=(1, 2), wide_width=2, target_widths=(1,), schemes="filter",
               scheme_ratios=(0.5,), plot_cells=False)
   grid.update(fields)
   return study.study_config(run, **grid)
@@ -101,7 +101,7 @@ def test_a_failing_cell_is_reported_and_the_study_goes_on(studied):
   status = _status(studied["first"])
   assert status.pop("pruned-w2to1-s0") == "failed"
   assert status.pop("inherited-w2to1-s0") == "skipped"  # it takes its mask from the failed cell
-  assert set(status.values()) == {"finished"} and len(status) == 10
+  assert set(status.values()) == {"finished"} and len(status) == 4
   failed = next(c for c in studied["first"]["cells"] if c["name"] == "pruned-w2to1-s0")
   assert "injected failure" in failed["error"] and failed["results"] is None
 
@@ -128,9 +128,8 @@ def test_study_json_holds_every_cells_overrides_and_report_numbers(studied):
   assert kinds == set(study.CELL_KINDS)
 
 
-def _mean_spread(values):
-  values = [100 * v for v in values]
-  return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} (n={len(values)})"
+def _mean(values):
+  return f"{100 * statistics.mean(values):.1f} (n={len(values)})"
 
 
 def test_report_tables_hold_the_cells_numbers(studied):
@@ -142,11 +141,11 @@ def test_report_tables_hold_the_cells_numbers(studied):
     return [_load(os.path.join(workdir, c["report"]))["stages"][c["results"]["stage"]][
         "adversarial_accuracy"] for c in cells if c["name"].startswith(name_prefix)]
 
-  assert f"w=2: {_mean_spread(adv('capacity-w2-'))}" in text
-  assert (f"pruned {_mean_spread(adv('pruned-w2to1-'))} vs scratch "
-          f"{_mean_spread(adv('scratch-w1-'))}") in text
-  assert f"vs inherited {_mean_spread(adv('inherited-w2to1-'))}" in text
-  assert f"filter {_mean_spread(adv('scheme-filter-r0.5-'))}" in text
+  assert f"w=2: {_mean(adv('capacity-w2-'))}" in text
+  assert (f"pruned {_mean(adv('pruned-w2to1-'))} vs scratch "
+          f"{_mean(adv('scratch-w1-'))}") in text
+  assert f"vs inherited {_mean(adv('inherited-w2to1-'))}" in text
+  assert f"filter {_mean(adv('scheme-filter-r0.5-'))}" in text
   assert "PGD-2 (Linf eps 0.1" in text  # which evaluation the numbers are
   for i, title in enumerate(["Capacity", "Pruning against small-from-scratch",
                              "Inherited initialization", "Sparsity schemes"], 1):
@@ -164,7 +163,7 @@ def test_plots_exist_and_the_report_shows_them(studied):
 
 
 def test_pruned_cell_has_exactly_the_narrow_networks_parameter_count(studied):
-  report = _load(os.path.join(_cell(studied["workdir"], "pruned-w2to1-s1"), "report.json"))
+  report = _load(os.path.join(_cell(studied["workdir"], "pruned-w2to1-s0"), "report.json"))
   layers = report["sparsity"]["layers"]
   kept = report["sparsity"]["total_params"] - sum(x["groups_pruned"] for x in layers.values())
   assert kept == models.lenet_param_count(1)
@@ -222,7 +221,7 @@ def _events(directory):
 
 
 def test_every_run_writes_tensorboard_events_with_the_metrics_numbers(studied):
-  cell = _cell(studied["workdir"], "pruned-w2to1-s1")
+  cell = _cell(studied["workdir"], "pruned-w2to1-s0")
   lines = [json.loads(x) for x in open(os.path.join(cell, "metrics.jsonl"))]
   for stage in ("admm", "retrain"):
     events = _events(os.path.join(cell, "tensorboard", stage))
@@ -254,7 +253,7 @@ def test_a_resumed_stage_tells_tensorboard_to_drop_later_points(tmp_path):
 
 
 def test_plot_draws_a_runs_curves(studied, tmp_path):
-  paths = plot.plot_run(_cell(studied["workdir"], "pruned-w2to1-s1"), str(tmp_path))
+  paths = plot.plot_run(_cell(studied["workdir"], "pruned-w2to1-s0"), str(tmp_path))
   assert [os.path.basename(p) for p in paths] == [
       "training.png", "validation.png", "admm.png", "sparsity.png"]
   for path in paths:
@@ -321,6 +320,15 @@ def test_cli_exits_2_with_one_sentence_on_an_unknown_cell_kind(tmp_path):
   errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
   assert len(errors) == 1 and "unknown cell kind 'speed'" in errors[0]
   assert not (tmp_path / "w").exists()
+
+
+def test_mean_and_spread_over_seeds():
+  values = [0.61, 0.645, 0.7]
+  stat = study_report.Stat.of(values)
+  assert stat.text() == (f"{100 * statistics.mean(values):.1f} ± "
+                         f"{100 * statistics.stdev(values):.1f} (n=3)")
+  assert stat.minus(study_report.Stat.of([0.5])).text(sign=True) == (
+      f"{100 * (statistics.mean(values) - 0.5):+.1f} ± {100 * statistics.stdev(values):.1f}")
 
 
 def test_verdict_rule():
