@@ -279,8 +279,8 @@ def render(summary: dict[str, Any], plots: dict[str, str | None]) -> str:
            "deviation over seeds (n = seeds). Holds? " + RULE + ".", ""]
   finished = sum(c["status"] == "finished" for c in cells)
   busy = sum(c["results"]["wall_time_s"] for c in cells if c["results"])
-  lines += [f"{finished} of {len(cells)} cells finished; their stages trained and evaluated for "
-            f"{busy / 60:.1f} minutes in all"
+  lines += [f"{finished} of {len(cells)} cells finished; their training loops (without "
+            f"compilation and setup) add up to {busy / 60:.1f} minutes"
             + (f" (this invocation of the study: {summary['wall_time_s'] / 60:.1f} minutes)."
                if "wall_time_s" in summary else "."), ""]
   for i, (title, claim, rows_fn, plot_name) in enumerate(FINDINGS, 1):
