@@ -7,7 +7,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("attacks", "projections", "sparsity", "transforms", "models", "data",
-               "train", "pipeline", "checkpoint", "parallel", "configlib", "kernels")
+               "train", "pipeline", "checkpoint", "parallel", "configlib", "kernels", "study",
+               "plot")
 
 
 def __getattr__(name):
