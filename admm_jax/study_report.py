@@ -220,6 +220,9 @@ def plot_schemes(cells: list[dict], path: str) -> str | None:
   if dense:
     ax.axhline(100 * dense.mean, ls="--", color="0.5", label=f"dense w={wide}")
   ax.set_xscale("log")
+  ticks = sorted({max(1, round(c.mean)) for c in comp.values()})
+  ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+  ax.minorticks_off()
   ax.set(xlabel="compression (dense / nonzero parameters)", ylabel="adversarial accuracy %",
          title=f"pruning schemes, w={wide}")
   ax.legend()
