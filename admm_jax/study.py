@@ -128,8 +128,9 @@ def _nonempty(values: tuple, field: str, needed_by: str, example: str) -> None:
                      f"{needed_by} cells need it (e.g. --config.{field}={example}).")
 
 
-def _param_shapes(run: ml_collections.ConfigDict, width: int) -> dict[str, tuple[int, ...]]:
-  """{'/'-joined path: shape} of the run's model at `width`, or a StudyError saying why not."""
+def _abstract_params(run: ml_collections.ConfigDict, width: int) -> Any:
+  """The run's model parameters at `width` as shapes (no values), or a StudyError saying why
+  the model cannot be built there."""
   import jax
   import jax.numpy as jnp
 
@@ -145,9 +146,16 @@ def _param_shapes(run: ml_collections.ConfigDict, width: int) -> dict[str, tuple
   except Exception as e:  # whatever fails to build, it is this width's doing here
     raise StudyError(f"model {name!r} cannot be built at width {width} ({e}): choose widths "
                      "it supports.") from None
-  leaves = jax.tree_util.tree_leaves_with_path(variables["params"])
-  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-          for path, leaf in leaves}
+  return variables["params"]
+
+
+def _shapes(params: Any) -> dict[str, tuple[int, ...]]:
+  """{'/'-joined path: shape} of a parameter tree."""
+  import jax
+
+  from admm_jax import sparsity
+  return {sparsity.path_str(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def matched_ratios(wide: dict[str, tuple[int, ...]], small: dict[str, tuple[int, ...]]
@@ -218,8 +226,9 @@ def plan(study: ml_collections.ConfigDict) -> list[Cell]:
         except ValueError as e:
           raise StudyError(str(e)) from None
   run = study.run
-  shapes = {w: _param_shapes(run, w)
-            for w in sorted(set(widths if "capacity" in kinds else ()) | {wide} | set(targets))}
+  abstract = {w: _abstract_params(run, w)
+              for w in sorted(set(widths if "capacity" in kinds else ()) | {wide} | set(targets))}
+  shapes = {w: _shapes(params) for w, params in abstract.items()}
 
   cells: dict[str, Cell] = {}
 
@@ -264,9 +273,20 @@ def plan(study: ml_collections.ConfigDict) -> list[Cell]:
                   "sparsity": f"{study.scheme_layers}={kind}:{ratio!r}"},
                  {"width": wide, "scheme": kind, "ratio": ratio}))
   ordered = sorted(cells.values(), key=lambda c: CELL_KINDS.index(c.kind))  # stable: seeds kept
-  for cell in ordered:
-    cell_config(study, cell, "/study")  # every cell's config is valid before any work
+  for cell in ordered:  # every cell's config is valid, and fits its model, before any work
+    config = cell_config(study, cell, "/study")
+    if "sparsity" in cell.overrides:
+      _check_sparsity(cell, config, abstract[config.model.width])
   return ordered
+
+
+def _check_sparsity(cell: Cell, config: ml_collections.ConfigDict, params: Any) -> None:
+  """The cell's sparsity patterns against its model's parameters (as make_context checks)."""
+  from admm_jax import sparsity
+  try:
+    sparsity.resolve(params, sparsity.spec(configlib.parse_sparsity(config.sparsity)))
+  except ValueError as e:
+    raise StudyError(f"cell {cell.name}: config.sparsity: {e}") from None
 
 
 def cell_config(study: ml_collections.ConfigDict, cell: Cell, workdir: str

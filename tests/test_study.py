@@ -39,16 +39,20 @@ _require(_importable("tensorboard"), "tensorboard")
 
 
 def micro_study(**fields):
-  """Every cell kind once, on the :tiny recipe made smaller still (4 steps a stage);
-  scratch/inherited share the pretrain/retrain optimizers, so most programs compile once."""
+  """Capacity, pruned, scratch and inherited cells once each, on the :tiny recipe made smaller
+  still (4 steps a stage); scratch/inherited share the pretrain/retrain optimizers, so most
+  programs compile once. (A scheme cell is a pruned cell with another sparsity string: the
+  planning tests check those strings against the model, and the report's scheme table is
+  tested on made-up cells.)"""
   run = study.load_config(os.path.join(ROOT, "configs", "fashion_mnist_lenet.py"), "tiny")
   run.data.update(limit_train=128, validation_size=64, limit_test=128)
   run.update(batch_size=32, eval_batch_size=64, log_every_steps=2, checkpoint_every_steps=100)
+  run.parallel.data_axis = 1  # one device: the 8 forced host devices slow compilation down
   run.attack.update(steps=2, eval_steps=2)
   run.pretrain.epochs = run.admm.epochs = run.retrain.epochs = 1
   run.inherited.update(warmup_epochs=run.retrain.warmup_epochs, lr=run.retrain.lr)
-  grid = dict(seeds=(0,), widths=(1, 2), wide_width=2, target_widths=(1,), schemes="filter",
-              scheme_ratios=(0.5,), plot_cells=False)
+  grid = dict(cells="capacity,pruned,scratch,inherited", seeds=(0,), widths=(1, 2),
+              wide_width=2, target_widths=(1,), plot_cells=False)
   grid.update(fields)
   return study.study_config(run, **grid)
 
@@ -101,7 +105,7 @@ def test_a_failing_cell_is_reported_and_the_study_goes_on(studied):
   status = _status(studied["first"])
   assert status.pop("pruned-w2to1-s0") == "failed"
   assert status.pop("inherited-w2to1-s0") == "skipped"  # it takes its mask from the failed cell
-  assert set(status.values()) == {"finished"} and len(status) == 4
+  assert set(status.values()) == {"finished"} and len(status) == 3
   failed = next(c for c in studied["first"]["cells"] if c["name"] == "pruned-w2to1-s0")
   assert "injected failure" in failed["error"] and failed["results"] is None
 
@@ -125,7 +129,7 @@ def test_study_json_holds_every_cells_overrides_and_report_numbers(studied):
     assert report["config"]["seed"] == cell["seed"]
     assert report["config"]["stages"] == cell["overrides"]["stages"]
   kinds = {c["kind"] for c in studied["second"]["cells"]}
-  assert kinds == set(study.CELL_KINDS)
+  assert kinds == {"capacity", "pruned", "scratch", "inherited"}
 
 
 def _mean(values):
@@ -145,7 +149,6 @@ def test_report_tables_hold_the_cells_numbers(studied):
   assert (f"pruned {_mean(adv('pruned-w2to1-'))} vs scratch "
           f"{_mean(adv('scratch-w1-'))}") in text
   assert f"vs inherited {_mean(adv('inherited-w2to1-'))}" in text
-  assert f"filter {_mean(adv('scheme-filter-r0.5-'))}" in text
   assert "PGD-2 (Linf eps 0.1" in text  # which evaluation the numbers are
   for i, title in enumerate(["Capacity", "Pruning against small-from-scratch",
                              "Inherited initialization", "Sparsity schemes"], 1):
@@ -156,7 +159,7 @@ def test_report_tables_hold_the_cells_numbers(studied):
 def test_plots_exist_and_the_report_shows_them(studied):
   workdir = studied["workdir"]
   text = open(os.path.join(workdir, "report.md")).read()
-  for name in ("capacity.png", "schemes.png", "pruned_scratch_inherited.png"):
+  for name in ("capacity.png", "pruned_scratch_inherited.png"):
     with open(os.path.join(workdir, "plots", name), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
     assert f"(plots/{name})" in text
@@ -272,7 +275,10 @@ def test_plot_without_metrics_is_one_sentence(tmp_path):
     (dict(cells="capacity,speed"), "names an unknown cell kind 'speed'"),
     (dict(widths=(0, 2)), r"config.widths=\(0, 2\) is invalid: use integers >= 1"),
     (dict(target_widths=(2,)), "every target width must be below config.wide_width=2"),
-    (dict(schemes="irregular,rows"), "kind 'rows' for config.schemes/scheme_ratios is unknown"),
+    (dict(cells="schemes", schemes="irregular,rows"),
+     "kind 'rows' for config.schemes/scheme_ratios is unknown"),
+    (dict(cells="schemes", scheme_layers="conv9/kernel"),
+     "cell scheme-irregular-r0.75-s0: config.sparsity: pattern 'conv9/kernel' matches no"),
 ])
 def test_bad_grid_is_one_sentence(fields, message):
   with pytest.raises(study.StudyError, match=message):
@@ -292,7 +298,7 @@ def test_model_that_cannot_take_a_width_is_one_sentence(monkeypatch):
 
 
 def test_pruning_ratios_match_the_narrow_networks_count_layer_by_layer():
-  shapes = {w: study._param_shapes(micro_study().run, w) for w in (4, 1)}
+  shapes = {w: study._shapes(study._abstract_params(micro_study().run, w)) for w in (4, 1)}
   ratios = study.matched_ratios(shapes[4], shapes[1])
   assert set(ratios) == {"conv1/kernel", "conv2/kernel", "fc1/kernel", "fc2/kernel"}
   kept = sum(round((1 - r) * np.prod(shapes[4][p])) for p, r in ratios.items())
@@ -320,6 +326,35 @@ def test_cli_exits_2_with_one_sentence_on_an_unknown_cell_kind(tmp_path):
   errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
   assert len(errors) == 1 and "unknown cell kind 'speed'" in errors[0]
   assert not (tmp_path / "w").exists()
+
+
+def _made_up(kind, seed, adversarial, **labels):
+  return {"name": f"{kind}-{labels}-s{seed}", "kind": kind, "seed": seed, **labels,
+          "status": "finished", "error": None,
+          "results": {"stage": "retrain", "natural_accuracy": adversarial + 0.2,
+                      "adversarial_accuracy": adversarial, "nonzero_params": 1000,
+                      "compression": {0.5: 2.0, 0.8: 4.7, 0.95: 15.9}.get(labels.get("ratio"), 1),
+                      "wall_time_s": 1.0, "evaluation": "PGD-10 (made up)"}}
+
+
+def test_scheme_table_and_plot(tmp_path):
+  accuracies = {0.5: {"irregular": (0.7, 0.7), "column": (0.6, 0.6), "filter": (0.65, 0.65)},
+                0.8: {"irregular": (0.6, 0.62), "column": (0.5, 0.52), "filter": (0.4, 0.41)},
+                0.95: {"irregular": (0.55, 0.57), "column": (0.56, 0.5), "filter": (0.3, 0.31)}}
+  cells = [_made_up("schemes", seed, acc[seed], width=4, scheme=scheme, ratio=ratio)
+           for ratio, by_scheme in accuracies.items() for scheme, acc in by_scheme.items()
+           for seed in (0, 1)] + [_made_up("capacity", s, 0.45, width=4) for s in (0, 1)]
+  summary = {"config": {"run": {"data": {"name": "fashion_mnist"}, "model": {"name": "lenet"}},
+                        "seeds": [0, 1]}, "cells": cells}
+  text = open(study_report.write_report(summary, str(tmp_path))).read()
+  head = "adversarial accuracy irregular ≥ column ≥ filter |"
+  assert (f"| at 0.8 of every pruned layer removed: {head} irregular 61.0 ± 1.4 (n=2), 4.7x · "
+          "column 51.0 ± 1.4 (n=2), 4.7x · filter 40.5 ± 0.7 (n=2), 4.7x | yes |") in text
+  assert f"| at 0.95 of every pruned layer removed: {head}" in text
+  rows = [x for x in text.splitlines() if x.startswith("| at ")]
+  assert [x.rsplit("|", 2)[1].strip() for x in rows] == ["no", "yes", "within noise"]
+  with open(tmp_path / "plots" / "schemes.png", "rb") as f:
+    assert f.read(4) == b"\x89PNG"
 
 
 def test_mean_and_spread_over_seeds():
