@@ -15,7 +15,7 @@ import ml_collections
 from admm_jax import losses, projections
 from admm_jax.kernels import CONV_IMPLS
 
-STAGE_ORDER = ("pretrain", "admm", "retrain", "scratch")
+STAGE_ORDER = ("pretrain", "admm", "retrain", "scratch", "inherited")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "steps", "admm")
 LOCAL_DATASETS = ("mnist", "fashion_mnist")   # IDX files in data.dir; with data.dir='' any TFDS
@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every recipe (Fashion-MNIST LeNet, offline)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = "pretrain,admm,retrain"   # comma-separated, run in this order; also: scratch
+  c.stages = "pretrain,admm,retrain"   # comma-separated, in this order; also scratch, inherited
   c.init_from = ""                      # another run's workdir: inputs of stages not run here
 
   c.data = ml_collections.ConfigDict(dict(
@@ -91,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.admm = _stage(2, "sgd", 0.01, "constant", rho=0.03, rho_growth=1.4, update_every_epochs=0.25)
   c.retrain = _stage(2, "adam", 0.05, "cosine", warmup_epochs=0.25)
   c.scratch = _stage(0, "adam", 1e-3, width=1)   # epochs 0: pretrain+admm+retrain epochs
+  # The lottery-ticket baseline: admm's mask (from init_from) on the initial weights of the
+  # pretrain stage (same seed), trained with the mask; epochs 0 as for scratch.
+  c.inherited = _stage(0, "adam", 1e-3)
 
   c.log_every_steps = 200
   c.checkpoint_every_steps = 500
@@ -126,6 +129,7 @@ def cifar10_recipe(model: str, conv_pattern: str, arg: str | None) -> ml_collect
                 update_every_epochs=20, **sgd)
   c.retrain.update(epochs=200, lr=0.01, schedule="steps", lr_drop_epochs=(80, 150), **sgd)
   c.scratch.update(epochs=0, lr=0.1, schedule="cosine", width=1, **sgd)
+  c.inherited.update(epochs=0, lr=0.1, schedule="cosine", **sgd)
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
   return c
@@ -228,7 +232,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive_int(config, "max_checkpoints")
   for s in STAGE_ORDER:
     stage = config[s]
-    _positive_int(config, f"{s}.epochs", zero_ok=(s == "scratch"), most=MAX_EPOCHS)
+    _positive_int(config, f"{s}.epochs", zero_ok=(s in ("scratch", "inherited")),
+                  most=MAX_EPOCHS)
     if stage.optimizer not in OPTIMIZERS:
       _fail(f"{s}.optimizer", stage.optimizer, f"use one of {', '.join(OPTIMIZERS)}")
     _number(config, f"{s}.lr", 0.0, 10.0, lo_open=True)
@@ -252,7 +257,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       -1 <= p.process_id < (p.num_processes or 2**31 - 1)):
     _fail("parallel.process_id", p.process_id, "use -1 (detect) or an integer in [0, "
           "parallel.num_processes)")
-  if any(s in names for s in ("admm", "retrain")):
+  if any(s in names for s in ("admm", "retrain", "inherited")):
     try:
       rules = parse_sparsity(config.sparsity)
     except ConfigError as e:

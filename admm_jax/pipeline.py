@@ -5,6 +5,7 @@ Layout of a workdir:
   outputs/<stage>/0/            the stage's result: {"params", "batch_stats"} (orbax)
   outputs/<stage>.json          written last: the stage is finished (its test metrics)
   metrics.jsonl                 one line per epoch and stage
+  tensorboard/<stage>/          the same curves as TensorBoard event files (tensorboard_log)
   report.json                   the result of the run (rewritten after every stage)
   run.lock                      pid, host and start of the run using the workdir (reliability)
 
@@ -31,14 +32,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from admm_jax import (checkpoint, configlib, data, models, parallel, reliability, sparsity, train,
-                      transforms)
+from admm_jax import (checkpoint, configlib, data, models, parallel, reliability, sparsity,
+                      tensorboard_log, train, transforms)
 
 # Stage -> the stage whose output it starts from.
 INPUT_OF = {"admm": "pretrain", "retrain": "admm"}
+# Stages that train a pruned network (they need config.sparsity).
+PRUNED_STAGES = ("admm", "retrain", "inherited")
 # Stages whose output is the best epoch on validation; admm's output is its last iterate
 # (the point ADMM converged to), which retrain then hard-prunes.
-SELECTS_BEST = ("pretrain", "retrain", "scratch")
+SELECTS_BEST = ("pretrain", "retrain", "scratch", "inherited")
 # Stages whose starting point is evaluated on validation before the first step (retrain: the
 # accuracy right after hard pruning, which shows what the projection of W cost).
 MEASURES_START = ("retrain",)
@@ -71,13 +74,25 @@ write_json_atomic = reliability.write_json_atomic
 
 
 class MetricsLog:
-  """metrics.jsonl: one JSON line per (stage, epoch); a resumed stage replaces its later lines."""
+  """metrics.jsonl: one JSON line per (stage, epoch); a resumed stage replaces its later lines.
 
-  def __init__(self, path: str, enabled: bool = True):
+  Every line, and the training points logged during its epoch (`log_step`, kept in the line as
+  `train_steps`: [step, adversarial loss, adversarial accuracy]), also go to TensorBoard event
+  files under `tensorboard_dir` (admm_jax.tensorboard_log).
+  """
+
+  def __init__(self, path: str, enabled: bool = True, tensorboard_dir: str | None = None):
     self.path, self.enabled = path, enabled
+    self.events = (tensorboard_log.StageWriters(tensorboard_dir)
+                   if enabled and tensorboard_dir else None)
+    self._steps, self._sums = [], None
 
-  def truncate(self, stage: str, completed_epochs: int) -> None:
-    """Drops `stage`'s lines past its `completed_epochs` (written after the resumed checkpoint)."""
+  def truncate(self, stage: str, completed_epochs: int, resume_step: int = 0) -> None:
+    """Drops `stage`'s lines past its `completed_epochs` (written after the resumed checkpoint)
+    and starts its event file, where TensorBoard drops the points from `resume_step` on."""
+    self._steps, self._sums = [], None
+    if self.events is not None:
+      self.events.start(stage, resume_step)
     if not self.enabled or not os.path.exists(self.path):
       return
     with open(self.path) as f:
@@ -90,10 +105,37 @@ class MetricsLog:
         f.writelines(json.dumps(x, sort_keys=True) + "\n" for x in keep)
       os.replace(tmp, self.path)
 
+  def log_step(self, stage: str, step: int, sums: dict[str, Any]) -> None:
+    """Training adversarial loss/accuracy over the steps since the previous call, from the
+    epoch's running sums (`loss`, `correct`, `count`)."""
+    if not self.enabled:
+      return
+    now = [float(sums["loss"]), float(sums["correct"]), float(sums["count"])]
+    last = self._sums if self._sums and self._sums[2] <= now[2] else [0.0, 0.0, 0.0]
+    self._sums = now
+    count = now[2] - last[2]
+    if count > 0:
+      point = [int(step), (now[0] - last[0]) / count, (now[1] - last[1]) / count]
+      self._steps.append([point[0], round(point[1], 6), round(point[2], 6)])
+      if self.events is not None:
+        self.events.scalars(stage, step, {"train/adversarial_loss": point[1],
+                                          "train/adversarial_accuracy": point[2]})
+
   def write(self, record: dict[str, Any]) -> None:
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    """Appends an epoch line (with the epoch's training points) and writes its event file."""
+    if not self.enabled:
+      return
+    record = dict(record, train_steps=self._steps) if self._steps else record
+    self._steps, self._sums = [], None
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+    if self.events is not None:
+      self.events.scalars(record["stage"], record["step"], tensorboard_log.epoch_scalars(record))
+      self.events.flush(record["stage"])
+
+  def close(self) -> None:
+    if self.events is not None:
+      self.events.close()
 
 
 # ------------------------------------------------------------------------- optimizers
@@ -152,14 +194,15 @@ class Context:
                runtime: parallel.Runtime, dataset: data.Dataset):
     self.config, self.workdir, self.runtime, self.dataset = config, workdir, runtime, dataset
     self.is_writer = jax.process_index() == 0
-    self.metrics = MetricsLog(os.path.join(workdir, "metrics.jsonl"), self.is_writer)
+    self.metrics = MetricsLog(os.path.join(workdir, "metrics.jsonl"), self.is_writer,
+                              tensorboard_dir=os.path.join(workdir, "tensorboard"))
     self.root_key = jax.random.key(config.seed)
     a = config.attack
     self.train_attack = train.Attack(a.kind, a.eps, a.step_size, a.steps, a.random_start)
     self.eval_attack = train.Attack("pgd", a.eps, a.eval_step_size, a.eval_steps, True)
     self.objective = train.Objective(a.objective, a.beta)
     self.spec = (sparsity.spec(configlib.parse_sparsity(config.sparsity))
-                 if any(s in configlib.stages(config) for s in ("admm", "retrain")) else None)
+                 if any(s in configlib.stages(config) for s in PRUNED_STAGES) else None)
     self._eval_steps = {}
     self.stops = reliability.StopRequests()  # inactive; train_and_evaluate installs its own
 
@@ -237,6 +280,7 @@ def stage_setup(ctx: Context, stage: str) -> tuple[Any, dict, optax.GradientTran
   width = ctx.config.scratch.width if stage == "scratch" else ctx.config.model.width
   model = ctx.model(width)
   fresh = _fresh_variables(ctx, model, "pretrain" if stage != "scratch" else "scratch")
+  masks = None
   if stage in INPUT_OF:
     source = INPUT_OF[stage]
     variables = load_output(ctx, source, fresh)
@@ -245,22 +289,44 @@ def stage_setup(ctx: Context, stage: str) -> tuple[Any, dict, optax.GradientTran
                          f"in {ctx.workdir} nor in config.init_from={ctx.config.init_from!r}: "
                          f"add {source} to config.stages or point config.init_from at a run "
                          "that finished it.")
+  elif stage == "inherited":
+    variables, masks = inherited_start(ctx, fresh)
   else:
     variables = fresh
   # Z/U period in steps; fractions of an epoch allowed (several Z/U updates per epoch).
   update_every = max(1, round(ctx.config.admm.update_every_epochs * spe))
   base = optimizer(cfg, lr_schedule(cfg, spe, update_every))
-  if stage == "admm":
-    tx = optax.chain(transforms.admm(ctx.spec, rho=cfg.rho, update_every=update_every,
-                                     rho_growth=cfg.rho_growth), base)
-  elif stage == "retrain":
+  if stage == "retrain":
     # Hard prune the projection of W (not Z), then freeze the zero pattern.
     params, masks = sparsity.hard_prune(variables["params"], ctx.spec)
     variables = dict(variables, params=params)
+  if stage == "admm":
+    tx = optax.chain(transforms.admm(ctx.spec, rho=cfg.rho, update_every=update_every,
+                                     rho_growth=cfg.rho_growth), base)
+  elif masks is not None:  # retrain, inherited: pruned weights stay exactly zero
     tx = optax.chain(base, transforms.apply_masks(masks))
   else:
     tx = base
   return model, variables, tx
+
+
+def inherited_start(ctx: Context, fresh: dict) -> tuple[dict, Any]:
+  """The inherited-initialization baseline (lottery ticket): the pruned network's mask applied
+  to the wide network's initial weights.
+
+  `fresh` is the init the pretrain stage started from (same model, seed and key); the mask is
+  admm's output hard-pruned, i.e. exactly the mask retrain trains under. Returns (variables,
+  masks) for a stage trained with `apply_masks(masks)`.
+  """
+  admm_out = load_output(ctx, "admm", fresh)
+  if admm_out is None:
+    raise WorkdirError(f"stage 'inherited' takes its mask from the output of 'admm', which is "
+                       f"neither in {ctx.workdir} nor in config.init_from="
+                       f"{ctx.config.init_from!r}: point config.init_from at a pruned run.")
+  masks = sparsity.masks(admm_out["params"], ctx.spec)
+  params = jax.tree.map(lambda m, w: w if m is None else w * m.astype(w.dtype),
+                        masks, fresh["params"], is_leaf=lambda x: x is None)
+  return dict(fresh, params=params), masks
 
 
 def _copy(tree: Any) -> Any:
@@ -274,7 +340,7 @@ def _zero_metrics() -> dict[str, jax.Array]:
 
 
 def _epochs(ctx: Context, stage: str) -> int:
-  if stage == "scratch" and ctx.config.scratch.epochs == 0:
+  if stage in ("scratch", "inherited") and ctx.config[stage].epochs == 0:
     return sum(ctx.config[s].epochs for s in ("pretrain", "admm", "retrain"))
   return ctx.config[stage].epochs
 
@@ -326,7 +392,7 @@ def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
                    stage, split, m["natural_accuracy"], m["adversarial_accuracy"])
     carry = rt.replicate(carry)
   step = int(carry["train"].step)
-  ctx.metrics.truncate(stage, step // spe)
+  ctx.metrics.truncate(stage, step // spe, resume_step=step)
 
   train_step = train.jit_train_step(
       model, tx, ctx.train_attack, ctx.objective,
@@ -364,6 +430,7 @@ def run_stage(ctx: Context, stage: str) -> dict[str, Any]:
                        stage, epoch + 1, epochs, step, total_steps, rate, _fmt_time(eta),
                        host["loss"] / max(host["count"], 1),
                        host["correct"] / max(host["count"], 1))
+          ctx.metrics.log_step(stage, step, host)
           t_log, step_log = now, step
           _check_finite(ctx, stage, step, metrics, state, mngr)
         stop = ctx.stops.requested(step)  # SIGTERM/SIGINT: checkpoint here, then stop
@@ -421,6 +488,11 @@ def _end_epoch(ctx: Context, stage: str, model, carry: dict, epoch: int, elapsed
     res = jax.device_get(transforms.primal_residuals(admm_state, state.params))
     record["admm_rho"] = float(admm_state.rho)
     record["admm_primal_residual"] = {k: float(v) for k, v in res.items()}
+    dist = jax.device_get(sparsity.distance_to_set(state.params, ctx.spec, relative=True))
+    record["admm_distance_to_sparse_set"] = {k: float(v) for k, v in dist.items()}
+  if ctx.spec is not None and stage in PRUNED_STAGES:
+    layers = sparsity.report(jax.device_get(state.params), ctx.spec).layers
+    record["sparsity"] = {k: layer.zero_fraction for k, layer in layers.items()}
   record["elapsed_s"] = round(elapsed, 2)
   ctx.metrics.write(record)
   logging.info("%s epoch %d: train adv acc %.4f | val natural %.4f adversarial %.4f%s", stage,
@@ -485,7 +557,7 @@ def _finish_stage(ctx: Context, stage: str, model, carry: dict, out_dir: str, do
                    "if hard pruning costs much accuracy, raise admm.rho or admm.rho_growth, or "
                    "update Z/U more often (admm.update_every_epochs).", stage, value, layer,
                    CONVERGED_RESIDUAL)
-  if ctx.spec is not None and stage in ("admm", "retrain"):
+  if ctx.spec is not None and stage in PRUNED_STAGES:
     rep = sparsity.report(jax.device_get(params), ctx.spec)
     record["sparsity"] = rep.to_dict()
   record["warnings"] = _chance_warnings(ctx, stage, val, test)
@@ -521,7 +593,7 @@ def _report(ctx: Context, records: dict[str, dict]) -> dict[str, Any]:
   for stage, rec in records.items():
     report["stages"][stage] = {k: v for k, v in rec.items() if k != "sparsity"}
     report["wall_time_s"][stage] = rec["wall_time_s"]
-  for stage in ("retrain", "admm"):
+  for stage in ("retrain", "inherited", "admm"):
     if stage in records and "sparsity" in records[stage]:
       sp = records[stage]["sparsity"]
       report["sparsity"] = {
@@ -604,9 +676,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         reliability.disk_errors(f"writing to the workdir {workdir}")):
     ctx = make_context(config, workdir)
     ctx.stops, records = stops, {}
-    for stage in configlib.stages(config):
-      records[stage] = run_stage(ctx, stage)
-      report = _report(ctx, records)
-      if ctx.is_writer:
-        write_json_atomic(os.path.join(workdir, "report.json"), report)
+    try:
+      for stage in configlib.stages(config):
+        records[stage] = run_stage(ctx, stage)
+        report = _report(ctx, records)
+        if ctx.is_writer:
+          write_json_atomic(os.path.join(workdir, "report.json"), report)
+    finally:
+      ctx.metrics.close()
   return report

@@ -16,8 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # pipeline, checkpoints, configs and plots, the benchmarks' torch, and our own application
 # modules (models pull flax, data pulls tfds).
 APPLICATION_MODULES = ("tensorflow_datasets", "orbax", "ml_collections", "grain", "matplotlib",
-                       "torch", "flax", "admm_jax.models", "admm_jax.data", "admm_jax.kernels",
-                       "admm_jax.pipeline", "admm_jax.train", "admm_jax.checkpoint")
+                       "tensorboard", "torch", "flax", "admm_jax.models", "admm_jax.data",
+                       "admm_jax.kernels", "admm_jax.pipeline", "admm_jax.train",
+                       "admm_jax.checkpoint")
 
 
 def _modules_after(code: str) -> list[str]:
