@@ -29,6 +29,7 @@ ACCEPTED = {
              "attack.beta",                                   # trades/mart: no KL term
              "parallel.data_axis", "parallel.num_processes",  # 0 = all devices / detect
              "parallel.process_id", "scratch.epochs",         # process 0 / the others' total
+             "inherited.epochs",                              # 0 = the others' total
              "*.momentum", "*.weight_decay", "*.warmup_epochs"},
     "negative": {"parallel.process_id"},                      # -1 = detect
     "empty": {"*.lr_drop_epochs"},                            # no drops

@@ -25,6 +25,8 @@ import pytest
 
 from admm_jax import checkpoint, main, pipeline, reliability, train
 
+pytestmark = pytest.mark.slow  # end to end: run by .ci/run after the default command
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_lenet.py")
 FMNIST = "/usr/share/datasets/fashion-mnist"

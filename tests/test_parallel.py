@@ -230,6 +230,7 @@ def test_tiny_run_on_8_devices_matches_1_device(tmp_path):
 # ------------------------------------------------ end to end: 2 processes == 1 process
 
 
+@pytest.mark.slow  # two processes: run by .ci/run after the default command
 def test_two_processes_read_disjoint_data_and_end_equal_to_one_process(tmp_path):
   port = _free_port()
   # Two processes with 2 devices each (a 4-device mesh across processes), and the

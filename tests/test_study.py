@@ -14,6 +14,8 @@ import pytest
 
 from admm_jax import models, pipeline, plot, study, study_report, tensorboard_log
 
+pytestmark = pytest.mark.slow  # end to end: run by .ci/run after the default command
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
