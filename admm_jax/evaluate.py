@@ -88,18 +88,40 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def _batch_fn(ctx: pipeline.Context, model, batch_stats: Any, names: Sequence[str], eps: float,
-              norm: str):
-  """The jitted cascade of one batch: params and key replicated, the batch split on "data"."""
-  apply_fn = train.logits_fn(model, batch_stats, train=False)
-  rt = ctx.runtime
+# Jitted programs per (kind, runtime, model, settings): the sanity checks and repeated
+# evaluations in one process (tests, the pipeline hook) reuse the compilation.
+_JITTED: dict[tuple, Any] = {}
 
-  def one_batch(params, x, y, key):
+
+def _jit_per_batch(rt: parallel.Runtime, per_batch, cache_key: tuple):
+  """per_batch(params, batch_stats, x, y, key) -> {name: (B,) array}, jitted with variables
+  and key replicated and the batch split on "data" (as the training step)."""
+  if cache_key not in _JITTED:
+    _JITTED[cache_key] = jax.jit(
+        per_batch, in_shardings=(rt.replicated, rt.replicated, rt.data, rt.data, rt.replicated),
+        out_shardings=rt.replicated)
+  return _JITTED[cache_key]
+
+
+def _cascade_fn(rt: parallel.Runtime, model, names: Sequence[str], eps: float, norm: str):
+  """One batch through `attacks.cascade`: robust, broken_by, clean_correct per example."""
+  def per_batch(params, batch_stats, x, y, key):
+    apply_fn = train.logits_fn(model, batch_stats, train=False)
     r = attacks.cascade(apply_fn, params, x, y, key, names=tuple(names), eps=eps, norm=norm)
-    return r.robust, r.broken_by, r.clean_correct
+    return {"robust": r.robust, "broken_by": r.broken_by, "clean_correct": r.clean_correct}
+  return _jit_per_batch(rt, per_batch, ("cascade", rt, model, tuple(names), eps, norm))
 
-  return jax.jit(one_batch, in_shardings=(rt.replicated, rt.data, rt.data, rt.replicated),
-                 out_shardings=rt.replicated)
+
+def _single_attacks_fn(rt: parallel.Runtime, model, runs: Sequence[tuple[str, float]],
+                       norm: str):
+  """One batch through each (attack name, eps) of `runs` alone, in one program (one
+  compilation for all the sanity checks): robust per example, keyed by the run's index."""
+  def per_batch(params, batch_stats, x, y, key):
+    apply_fn = train.logits_fn(model, batch_stats, train=False)
+    return {str(i): attacks.cascade(apply_fn, params, x, y, jax.random.fold_in(key, i),
+                                    names=(name, ), eps=e, norm=norm).robust
+            for i, (name, e) in enumerate(runs)}
+  return _jit_per_batch(rt, per_batch, ("single", rt, model, tuple(runs), norm))
 
 
 def _partial_dir(ctx: pipeline.Context, stage: str, label: str, meta: dict) -> str:
@@ -151,49 +173,63 @@ def check_finished(workdir: str, stage: str) -> None:
                           "first.")
 
 
-def _run_cascade(ctx, model, params, batch_stats, examples: data.Examples, names, eps, norm,
+def _run_batches(ctx: pipeline.Context, fn, params, batch_stats, examples: data.Examples,
                  batch_size: int, key: jax.Array, folder: str | None = None, what: str = ""
                  ) -> dict[str, np.ndarray]:
-  """The cascade over `examples` in order; per-example (robust, broken_by, clean_correct).
+  """fn (see _jit_per_batch) over `examples` in order, batch i with key fold_in(key, i).
 
-  Batch i uses key fold_in(key, i); with `folder`, finished batches are read back from and
-  new ones saved to folder/batch_<i>.npz (resume).
+  With `folder`, finished batches are read back from folder/batch_<i>.npz and new ones are
+  saved there atomically (resume); with `what`, a progress line with ETA per batch.
   """
-  fn = _batch_fn(ctx, model, batch_stats, names, eps, norm)
   batches = data.epoch_batches(examples, batch_size, seed=0, epoch=0, shuffle=False,
                                drop_remainder=False, process_index=jax.process_index(),
                                process_count=jax.process_count())
-  total, done, out = len(batches), 0, []
+  n, done, out = len(examples), 0, []
   t0, n_new = time.time(), 0
-  for i in range(total):
+  for i in range(len(batches)):
     path = folder and os.path.join(folder, f"batch_{i:06d}.npz")
     if path and os.path.exists(path):
       with np.load(path) as f:
         out.append({k: f[k] for k in f.files})
-      done += len(out[-1]["robust"])
+      done += min(batch_size, n - i * batch_size)
       continue
     batch = batches[i]
-    del batch["mask"]  # the padding is at the end of the last global batch
+    del batch["mask"]  # the padding is at the end of the last global batch: sliced off below
     g = ctx.runtime.global_batch(batch)
-    robust, broken_by, clean = jax.device_get(
-        fn(params, g["image"], g["label"], jax.random.fold_in(key, i)))
-    real = slice(0, min(batch_size, len(examples) - i * batch_size))
-    result = {"robust": robust[real], "broken_by": broken_by[real], "clean_correct": clean[real]}
+    result = jax.device_get(fn(params, batch_stats, g["image"], g["label"],
+                               jax.random.fold_in(key, i)))
+    real = min(batch_size, n - i * batch_size)
+    result = {k: np.asarray(v)[:real] for k, v in result.items()}
     if path and ctx.is_writer:
       _save_batch(path, result)
     out.append(result)
-    done, n_new = done + len(result["robust"]), n_new + len(result["robust"])
+    done, n_new = done + real, n_new + real
     if what:
       rate = n_new / max(time.time() - t0, 1e-9)
-      robust_so_far = np.mean(np.concatenate([o["robust"] for o in out]))
+      robust = np.mean(np.concatenate([o["robust"] for o in out]))
       logging.info("%s: batch %d/%d, %d/%d examples | robust so far %.4f | %.1f ex/s | ETA %s",
-                   what, i + 1, total, done, len(examples), robust_so_far, rate,
-                   pipeline._fmt_time((len(examples) - done) / max(rate, 1e-9)))
-  return {k: np.concatenate([o[k] for o in out]) for k in ("robust", "broken_by", "clean_correct")}
+                   what, i + 1, len(batches), done, n, robust, rate,
+                   pipeline._fmt_time((n - done) / max(rate, 1e-9)))
+  return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 
 def _check(ok: bool, meaning: str, **numbers) -> dict[str, Any]:
   return {"ok": bool(ok), **numbers, "meaning": meaning}
+
+
+def square_check(names: Sequence[str], result: dict[str, np.ndarray]) -> dict[str, Any] | None:
+  """Examples that Square breaks after the white-box members before it failed (None when the
+  cascade has no Square after a white-box member)."""
+  if "square" not in names or not any(m != "square" for m in names[:names.index("square")]):
+    return None
+  i = names.index("square")
+  attacked = int(np.sum(result["robust"] | (result["broken_by"] >= i)))
+  extra = int(np.sum(result["broken_by"] == i))
+  return _check(
+      extra <= SQUARE_EXTRA * max(attacked, 1),
+      "the black-box Square must add (almost) nothing after the white-box members; examples "
+      "only it breaks point to masked gradients",
+      square_only_broken=extra, attacked_by_square=attacked, examples=len(result["robust"]))
 
 
 def sanity_checks(ctx, model, params, batch_stats, examples: data.Examples, eps: float,
@@ -205,42 +241,32 @@ def sanity_checks(ctx, model, params, batch_stats, examples: data.Examples, eps:
   what a failed one suggests.
   """
   n = len(examples)
-
-  def acc(name: str, e: float, i: int) -> float:
-    r = _run_cascade(ctx, model, params, batch_stats, examples, (name,), e, norm, batch_size,
-                     jax.random.fold_in(key, i))
-    return round(float(np.mean(r["robust"])), 6)
-
   scales = (0.5, 1.0, 2.0)
-  by_eps = [acc("pgd", s * eps, i) for i, s in enumerate(scales)]
   large = min(max(4 * eps, 0.5), 1.0) if norm == "linf" else 4 * eps
+  runs = [("pgd", s * eps) for s in scales] + [("pgd", large), ("fgsm", eps)]
+  fn = _single_attacks_fn(ctx.runtime, model, runs, norm)
+  robust = _run_batches(ctx, fn, params, batch_stats, examples, batch_size, key)
+  acc = [round(float(np.mean(robust[str(i)])), 6) for i in range(len(runs))]
+  by_eps, at_large, fgsm_acc = acc[:3], acc[3], acc[4]
   checks = {
       "eps_monotone": _check(
           all(b <= a + MONOTONE_SLACK for a, b in zip(by_eps, by_eps[1:])),
           "PGD-10 robust accuracy must fall as eps grows; if not, gradients mislead the attack",
           eps=[s * eps for s in scales], robust_accuracy=by_eps, examples=n),
+      "large_eps_near_zero": _check(
+          at_large <= NEAR_ZERO,
+          f"at a large eps any input can be changed beyond recognition, so PGD-10 must leave "
+          f"at most {NEAR_ZERO} robust accuracy; more means the attack, not the model, fails",
+          eps=large, robust_accuracy=at_large, examples=n),
+      "pgd_not_weaker_than_fgsm": _check(
+          by_eps[1] <= fgsm_acc + FGSM_SLACK,
+          "iterated PGD-10 must break at least what its single step (FGSM) breaks; if not, the "
+          "loss surface is locally misleading (masking)",
+          pgd_accuracy=by_eps[1], fgsm_accuracy=fgsm_acc, examples=n),
   }
-  at_large = acc("pgd", large, 3)
-  checks["large_eps_near_zero"] = _check(
-      at_large <= NEAR_ZERO,
-      f"at a large eps any input can be changed beyond recognition, so PGD-10 must leave at "
-      f"most {NEAR_ZERO} robust accuracy; more means the attack, not the model, fails",
-      eps=large, robust_accuracy=at_large, examples=n)
-  pgd_acc, fgsm_acc = by_eps[1], acc("fgsm", eps, 4)
-  checks["pgd_not_weaker_than_fgsm"] = _check(
-      pgd_acc <= fgsm_acc + FGSM_SLACK,
-      "iterated PGD-10 must break at least what its single step (FGSM) breaks; if not, the "
-      "loss surface is locally misleading (masking)",
-      pgd_accuracy=pgd_acc, fgsm_accuracy=fgsm_acc, examples=n)
-  if "square" in names and any(m not in ("square",) for m in names[:names.index("square")]):
-    i = names.index("square")
-    attacked = int(np.sum(result["robust"] | (result["broken_by"] >= i)))
-    extra = int(np.sum(result["broken_by"] == i))
-    checks["square_not_stronger"] = _check(
-        extra <= SQUARE_EXTRA * max(attacked, 1),
-        "the black-box Square must add (almost) nothing after the white-box members; examples "
-        "only it breaks point to masked gradients",
-        square_only_broken=extra, attacked_by_square=attacked, examples=len(result["robust"]))
+  square = square_check(names, result)
+  if square is not None:
+    checks["square_not_stronger"] = square
   return checks
 
 
@@ -282,8 +308,9 @@ def evaluate_stage(ctx: pipeline.Context, stage: str, *, attack: str = "autoatta
   key = ctx.key("evaluate", stage, label)
   logging.info("evaluate %s of %s: %s, %s eps %g, %d test examples, batch %d, %d device(s)",
                stage, ctx.workdir, label, norm, eps, n, batch_size, ctx.runtime.num_devices)
-  result = _run_cascade(ctx, model, params, batch_stats, examples, names, eps, norm, batch_size,
-                        key, folder, what=f"evaluate {stage} {label}")
+  result = _run_batches(ctx, _cascade_fn(ctx.runtime, model, names, eps, norm), params,
+                        batch_stats, examples, batch_size, key, folder,
+                        what=f"evaluate {stage} {label}")
   robust_after = [round(float(np.mean(result["robust"] | (result["broken_by"] > i))), 6)
                   for i in range(len(names))]
   record = {"stage": stage, "attack": label, "members": list(names), "norm": norm, "eps": eps,
