@@ -126,18 +126,26 @@ def _single_attacks_fn(rt: parallel.Runtime, model, runs: Sequence[tuple[str, fl
 
 def _partial_dir(ctx: pipeline.Context, stage: str, label: str, meta: dict) -> str:
   """W/evaluation/partial/<stage>_<label>/: per-batch results of an evaluation in progress;
-  cleared when its settings (meta) differ from the ones it was started with."""
+  cleared when its settings (meta) differ from the ones it was started with.
+
+  Multi-host: process 0 writes, every process reads (the workdir is on a shared filesystem,
+  as for checkpoints), so all of them skip the same batches.
+  """
   folder = os.path.join(ctx.workdir, "evaluation", "partial", f"{stage}_{label}")
   meta_path = os.path.join(folder, "meta.json")
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      if json.load(f) == meta:
-        return folder
-    logging.info("evaluate: settings changed since %s was started; starting over", folder)
-    for name in os.listdir(folder):
-      os.remove(os.path.join(folder, name))
-  os.makedirs(folder, exist_ok=True)
-  pipeline.write_json_atomic(meta_path, meta)
+  if ctx.is_writer:
+    same = False
+    if os.path.exists(meta_path):
+      with open(meta_path) as f:
+        same = json.load(f) == meta
+      if not same:
+        logging.info("evaluate: settings changed since %s was started; starting over", folder)
+        for name in os.listdir(folder):
+          os.remove(os.path.join(folder, name))
+    if not same:
+      os.makedirs(folder, exist_ok=True)
+      pipeline.write_json_atomic(meta_path, meta)
+  parallel.sync(f"evaluation folder {folder}")
   return folder
 
 
