@@ -303,6 +303,9 @@ def evaluate_stage(ctx: pipeline.Context, stage: str, *, attack: str = "autoatta
   if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
     raise EvaluationError(f"--limit={limit!r} must be a non-negative integer (0 = all).")
   n = min(limit or len(test), len(test))
+  if n == 0:
+    raise EvaluationError(f"the run's test split is empty (config.data.limit_test="
+                          f"{ctx.config.data.limit_test}): nothing to evaluate.")
   batch_size = batch_size or ctx.config.eval_batch_size
   if batch_size <= 0 or batch_size % ctx.runtime.num_devices or batch_size % jax.process_count():
     raise EvaluationError(f"--batch_size={batch_size} must be a positive multiple of the "
@@ -328,7 +331,7 @@ def evaluate_stage(ctx: pipeline.Context, stage: str, *, attack: str = "autoatta
             else robust_after,
             "batch_size": batch_size, "devices": ctx.runtime.num_devices}
   checks = {}
-  if sanity:
+  if sanity and sanity_limit > 0:
     m = min(sanity_limit, n)
     subset = data.Examples(test.source, test.positions[:m])
     checks = sanity_checks(ctx, model, params, batch_stats, subset, eps, norm, names, result,
