@@ -12,7 +12,7 @@ import re
 
 import ml_collections
 
-from admm_jax import losses, projections
+from admm_jax import attacks, losses, projections
 from admm_jax.kernels import CONV_IMPLS
 
 STAGE_ORDER = ("pretrain", "admm", "retrain", "scratch", "inherited")
@@ -94,6 +94,12 @@ def base_config() -> ml_collections.ConfigDict:
   # The lottery-ticket baseline: admm's mask (from init_from) on the initial weights of the
   # pretrain stage (same seed), trained with the mask; epochs 0 as for scratch.
   c.inherited = _stage(0, "adam", 1e-3)
+
+  c.eval = ml_collections.ConfigDict(dict(
+      final_attack="",         # '' = off; else admm_jax.evaluate's --attack on each finished stage
+      final_limit=1000,        # first N test examples it attacks (0 = all)
+      sanity_limit=200,        # examples of its gradient-masking checks (0 = no checks)
+  ))
 
   c.log_every_steps = 200
   c.checkpoint_every_steps = 500
@@ -227,6 +233,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _number(config, "attack.beta", 0.0, 1000.0)
   _positive_int(config, "batch_size", most=MAX_BATCH)
   _positive_int(config, "eval_batch_size", most=MAX_BATCH)
+  final = config.eval.final_attack
+  if not isinstance(final, str) or (final and final != "autoattack" and any(
+      n.strip() not in attacks.ATTACK_NAMES for n in final.split(","))):
+    _fail("eval.final_attack", final, "use '' (off), autoattack, one of "
+          f"{', '.join(attacks.ATTACK_NAMES)}, or a comma-separated list of them")
+  _positive_int(config, "eval.final_limit", zero_ok=True)
+  _positive_int(config, "eval.sanity_limit", zero_ok=True)
   _positive_int(config, "log_every_steps")
   _positive_int(config, "checkpoint_every_steps")
   _positive_int(config, "max_checkpoints")

@@ -625,6 +625,10 @@ def summary(report: dict[str, Any]) -> str:
       verdict = "" if rec["admm"]["converged"] else ": not converged"
       lines.append(f"            ADMM end: rho {rec['admm']['rho']:.3g}, largest ||W-Z||/||W|| "
                    f"{worst[1]:.3f} ({worst[0]}){verdict}")
+    if rec.get("final_attack"):
+      label = rec["final_attack"]
+      lines.append(f"            {label} (admm_jax.evaluate): robust {rec[label + '_accuracy']:.4f}"
+                   f" on the first {rec[label + '_examples']} test examples")
     if rec.get("after_hard_prune_val_adversarial_accuracy") is not None:
       lines.append(f"            right after hard pruning: val natural "
                    f"{rec['after_hard_prune_val_natural_accuracy']:.4f}  adversarial "
@@ -679,6 +683,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
       for stage in configlib.stages(config):
         records[stage] = run_stage(ctx, stage)
+        if config.eval.final_attack:  # AutoAttack-grade evaluation of the stage's output
+          from admm_jax import evaluate  # pylint: disable=import-outside-toplevel
+          records[stage] = {**records[stage], **evaluate.final_evaluation(ctx, stage)}
         report = _report(ctx, records)
         if ctx.is_writer:
           write_json_atomic(os.path.join(workdir, "report.json"), report)

@@ -30,9 +30,11 @@ ACCEPTED = {
              "parallel.data_axis", "parallel.num_processes",  # 0 = all devices / detect
              "parallel.process_id", "scratch.epochs",         # process 0 / the others' total
              "inherited.epochs",                              # 0 = the others' total
-             "*.momentum", "*.weight_decay", "*.warmup_epochs"},
+             "*.momentum", "*.weight_decay", "*.warmup_epochs",
+             "eval.final_limit", "eval.sanity_limit"},            # all test examples / no checks
     "negative": {"parallel.process_id"},                      # -1 = detect
-    "empty": {"*.lr_drop_epochs"},                            # no drops
+    "empty": {"*.lr_drop_epochs",                             # no drops
+              "eval.final_attack"},                           # no evaluation after each stage
 }
 # Free-form strings checked where they are used: data.dir when the data loads (tested below),
 # init_from when a stage needs another run's output, the others by TFDS / jax.distributed.
