@@ -1,5 +1,5 @@
-"""Fashion-MNIST, LeNet: the offline default, robust and small in about 4 minutes of training on
-2 CPU cores, plus about as much for the APGD evaluation of each stage (config.eval).
+"""Fashion-MNIST, LeNet: the offline default, robust and small in about 5 minutes on 2 CPU
+cores, the APGD evaluation of each stage (config.eval) included.
 
 Run: python -m admm_jax.main --config=configs/fashion_mnist_lenet.py --workdir=runs/fmnist
 Tiny smoke run (all stages, a few thousand examples, under a minute):
