@@ -398,6 +398,20 @@ def _finish(best: _Best, x: jax.Array, active: jax.Array) -> jax.Array:
   return lax.stop_gradient(x_out)
 
 
+def _check_apgd(name, apply_fn, params, x, y, key, eps, box, norm, steps, restarts, rho,
+                momentum, active):
+  """The arguments APGD and APGD-T share, checked in one place (one-sentence ValueErrors)."""
+  eps, box = _check_common(name, x, y, key, eps, True, box, None)
+  norm = _check_choice(name, "norm", norm, NORMS)
+  steps = _check_int(name, "steps", steps)
+  restarts = _check_int(name, "restarts", restarts)
+  rho = _check_in(name, "rho", rho, 0.0, 1.0, True, True)
+  momentum = _check_in(name, "momentum", momentum, 0.0, 1.0, True, False)
+  active = _check_active(name, active, x.shape[0])
+  num_classes = _num_classes(name, apply_fn, params, x)
+  return eps, box, norm, steps, restarts, rho, momentum, active, num_classes
+
+
 def apgd(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike, y: jax.typing.ArrayLike,
          key: jax.Array, *, eps: float, norm: str = "linf", loss: str = "ce", steps: int = 100,
          restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
@@ -435,15 +449,9 @@ def apgd(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike, y: jax.typing.
   """
   name = "apgd"
   x = jnp.asarray(x)
-  eps, box = _check_common(name, x, y, key, eps, True, box, None)
-  norm = _check_choice(name, "norm", norm, NORMS)
   loss = _check_choice(name, "loss", loss, APGD_LOSSES)
-  steps = _check_int(name, "steps", steps)
-  restarts = _check_int(name, "restarts", restarts)
-  rho = _check_in(name, "rho", rho, 0.0, 1.0, True, True)
-  momentum = _check_in(name, "momentum", momentum, 0.0, 1.0, True, False)
-  active = _check_active(name, active, x.shape[0])
-  num_classes = _num_classes(name, apply_fn, params, x)
+  eps, box, norm, steps, restarts, rho, momentum, active, num_classes = _check_apgd(
+      name, apply_fn, params, x, y, key, eps, box, norm, steps, restarts, rho, momentum, active)
   if loss == "dlr":
     _check_classes("apgd with loss='dlr'", (x.shape[0], num_classes), 3)
   params, x, y = _detach(params, x, y)
@@ -477,14 +485,8 @@ def apgd_targeted(apply_fn: ApplyFn, params: Any, x: jax.typing.ArrayLike,
   """
   name = "apgd_targeted"
   x = jnp.asarray(x)
-  eps, box = _check_common(name, x, y, key, eps, True, box, None)
-  norm = _check_choice(name, "norm", norm, NORMS)
-  steps = _check_int(name, "steps", steps)
-  restarts = _check_int(name, "restarts", restarts)
-  rho = _check_in(name, "rho", rho, 0.0, 1.0, True, True)
-  momentum = _check_in(name, "momentum", momentum, 0.0, 1.0, True, False)
-  active = _check_active(name, active, x.shape[0])
-  num_classes = _num_classes(name, apply_fn, params, x)
+  eps, box, norm, steps, restarts, rho, momentum, active, num_classes = _check_apgd(
+      name, apply_fn, params, x, y, key, eps, box, norm, steps, restarts, rho, momentum, active)
   _check_classes(name, (x.shape[0], num_classes), 4)
   num_targets = _check_targets(name, num_targets, num_classes)
   params, x, y = _detach(params, x, y)
