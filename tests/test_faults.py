@@ -8,7 +8,6 @@ chance-level stage, a full disk.
 """
 import contextlib
 import errno
-import hashlib
 import importlib.util
 import json
 import logging
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 
 from admm_jax import checkpoint, main, pipeline, reliability, train
+from tree_digest import tree_digest
 
 pytestmark = pytest.mark.slow  # end to end: run by .ci/run after the default command
 
@@ -97,15 +97,6 @@ def _rewound(reference, tmp_path, stage, keep_checkpoints=True):
   return workdir
 
 
-def _digest(path):
-  digest = hashlib.sha256()
-  for root, dirs, files in sorted(os.walk(path)):
-    dirs.sort()
-    for name in sorted(files):
-      digest.update(name.encode())
-      with open(os.path.join(root, name), "rb") as f:
-        digest.update(f.read())
-  return digest.hexdigest()
 
 
 def _damage(step_dir, how):
@@ -178,13 +169,13 @@ def test_busy_workdir_is_one_sentence_and_touches_nothing(reference, tmp_path):
   holder = {"pid": os.getppid(), "host": os.uname().nodename, "started": "now",
             "proc_start": reliability._process_start(os.getppid())}
   (workdir / reliability.LOCK_FILE).write_text(json.dumps(holder))
-  before = _digest(workdir)
+  before = tree_digest(workdir)
   with pytest.raises(reliability.WorkdirBusy) as e:
     _run(workdir)
   assert f"in use by pid {os.getppid()} on this host" in str(e.value)
   assert "\n" not in str(e.value) and e.value.exit_code == 2
   assert isinstance(e.value, main._user_errors())
-  assert _digest(workdir) == before
+  assert tree_digest(workdir) == before
 
 
 def test_damaged_stage_output_names_the_stage_then_is_rebuilt(reference, tmp_path, caplog):

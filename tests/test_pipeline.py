@@ -1,5 +1,4 @@
 """End to end: all stages on tiny data through the CLI, resume after SIGKILL, bad input."""
-import hashlib
 import json
 import os
 import signal
@@ -11,6 +10,7 @@ import types
 import pytest
 
 from admm_jax import configlib, models, pipeline
+from tree_digest import tree_digest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_lenet.py")
@@ -147,15 +147,6 @@ def test_sigkill_mid_stage_then_resume_gives_identical_numbers(finished_run, tmp
   assert epochs == [("pretrain", 1), ("pretrain", 2), ("admm", 1), ("admm", 2), ("retrain", 1)]
 
 
-def _tree_digest(path):
-  digest = hashlib.sha256()
-  for root, dirs, files in sorted(os.walk(path)):
-    dirs.sort()
-    for name in sorted(files):
-      digest.update(name.encode())
-      with open(os.path.join(root, name), "rb") as f:
-        digest.update(f.read())
-  return digest.hexdigest()
 
 
 @pytest.mark.parametrize("flag,expected", [
@@ -172,7 +163,7 @@ def _tree_digest(path):
 ])
 def test_bad_input_is_one_sentence_exit_2_and_loses_nothing(finished_run, flag, expected):
   workdir, _, _ = finished_run
-  before = _tree_digest(workdir)
+  before = tree_digest(workdir)
   extra = [flag]
   if "sparsity=nothing" in flag:
     extra.append("--config.stages=admm,retrain")
@@ -181,7 +172,7 @@ def test_bad_input_is_one_sentence_exit_2_and_loses_nothing(finished_run, flag, 
   errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
   assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
-  assert _tree_digest(workdir) == before
+  assert tree_digest(workdir) == before
 
 
 def test_unwritable_workdir_is_one_sentence(tmp_path):
