@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from admm_jax import attacks, configlib, data, parallel, pipeline, train
+from admm_jax import attacks, cli, configlib, data, parallel, pipeline, train
 
 SANITY_LIMIT = 200
 # Tolerances of the sanity checks, as accuracies (fractions of the examples checked).
@@ -386,16 +386,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
           checkpoint.CheckpointError, parallel.ParallelError, reliability.RunStopped)
 
 
-def _parse_flags(argv):
-  """absl's parser, but a bad flag is one sentence and exit code 2."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    raise SystemExit(2) from None
-
-
 def _main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
@@ -430,7 +420,7 @@ def run() -> None:
   flags.DEFINE_integer("batch_size", 0, "Global batch (0 = the run's eval_batch_size).")
   flags.DEFINE_bool("no_sanity", False, "Skip the gradient-masking checks.")
   flags.DEFINE_integer("sanity_limit", SANITY_LIMIT, "Examples the sanity checks attack.")
-  app.run(_main, flags_parser=_parse_flags)
+  app.run(_main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -678,24 +678,17 @@ def _define_flags() -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("workdir", None, "A run's workdir (python -m admm_jax.main --workdir).")
   flags.DEFINE_string("out", None, "Folder to write the export to (replaced if it holds one).")
-  flags.DEFINE_enum("stage", "retrain", ["pretrain", "admm", "retrain", "scratch"],
+  from admm_jax import configlib  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_enum("stage", "retrain", list(configlib.STAGE_ORDER),
                     "Which finished stage to export (retrain: the pruned, retrained model).")
   flags.DEFINE_string("latency_batches", "1,256", "Batch sizes of the latency measurement.")
   flags.DEFINE_integer("latency_repeats", 5, "Timed calls per batch size (median reported).")
   flags.mark_flags_as_required(["workdir", "out"])
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, but a bad or missing flag is one sentence and exit code 2."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
   from absl import app  # pylint: disable=import-outside-toplevel
+
+  from admm_jax import cli  # pylint: disable=import-outside-toplevel
   _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
