@@ -101,6 +101,10 @@ def study_config(run: ml_collections.ConfigDict, **fields: Any) -> ml_collection
       scheme_ratios=(0.75, 0.9, 0.97),   # fraction of every layer in scheme_layers removed
       scheme_layers="(conv1|conv2|fc1)/kernel",  # regex over param paths; the classifier stays
       plot_cells=True,             # python -m admm_jax.plot for every finished cell
+      # The report's robust accuracy: admm_jax.evaluate's --attack on each cell's output, on
+      # the first robust_eval_limit test examples (0 = all); '' = the run's own PGD numbers.
+      robust_eval="apgd-ce,apgd-t",
+      robust_eval_limit=500,
   ))
   study.update(fields)
   study.run = run
@@ -225,6 +229,7 @@ def plan(study: ml_collections.ConfigDict) -> list[Cell]:
           projections.validate(kind, ratio, where="config.schemes/scheme_ratios")
         except ValueError as e:
           raise StudyError(str(e)) from None
+  _check_robust_eval(study)
   run = study.run
   abstract = {w: _abstract_params(run, w)
               for w in sorted(set(widths if "capacity" in kinds else ()) | {wide} | set(targets))}
@@ -280,6 +285,19 @@ def plan(study: ml_collections.ConfigDict) -> list[Cell]:
   return ordered
 
 
+def _check_robust_eval(study: ml_collections.ConfigDict) -> None:
+  limit = study.robust_eval_limit
+  if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+    raise StudyError(f"config.robust_eval_limit={limit!r} is invalid: use a non-negative "
+                     "integer (0 = the whole test split).")
+  if study.robust_eval:
+    from admm_jax import evaluate
+    try:
+      evaluate.parse_attack(study.robust_eval)
+    except evaluate.EvaluationError as e:
+      raise StudyError(f"config.robust_eval: {e}") from None
+
+
 def _check_sparsity(cell: Cell, config: ml_collections.ConfigDict, params: Any) -> None:
   """The cell's sparsity patterns against its model's parameters (as make_context checks)."""
   from admm_jax import sparsity
@@ -311,26 +329,58 @@ def cell_config(study: ml_collections.ConfigDict, cell: Cell, workdir: str
 
 # ---------------------------------------------------------------------------- results
 
-def evaluation_of(report: dict[str, Any]) -> dict[str, Any]:
-  """What the study reports of a finished cell: its last stage's test accuracy under the
-  strongest evaluation wired into the study, and its parameter counts.
+def evaluation_of(report: dict[str, Any], robust: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+  """What the study reports of a finished cell: its last stage's test accuracy and its
+  parameter counts.
 
-  The one place to switch the evaluation: today the PGD numbers that the run wrote into its
-  report.json (`attack.steps` steps, random start); AutoAttack once admm_jax.evaluate exists.
+  `robust`, the admm_jax.evaluate record of that stage (robust_evaluation), is the
+  adversarial accuracy when given; without it, the PGD numbers the run wrote into its
+  report.json (`attack.eval_steps` steps, random start). Natural accuracy and the PGD
+  accuracy (`pgd_accuracy`) always come from the report: the whole test split.
   """
   stage = list(report["stages"])[-1]
   rec, attack = report["stages"][stage], report["attack"]
   sparse = report.get("sparsity", {})
   total = sparse.get("total_params", rec["total_params"])
   nonzero = sparse.get("nonzero_params", total)
-  return {"stage": stage, "natural_accuracy": rec["natural_accuracy"],
-          "adversarial_accuracy": rec["adversarial_accuracy"],
-          "evaluation": (f"PGD-{attack['steps']} (Linf eps {attack['eps']:g}, step "
-                         f"{attack['step_size']:g}, random start) on {rec['test_examples']} "
-                         "test examples"),
-          "total_params": total, "nonzero_params": nonzero,
-          "compression": sparse.get("compression", 1.0),
-          "wall_time_s": round(sum(report["wall_time_s"].values()), 1)}  # all its stages
+  pgd = (f"PGD-{attack.get('eval_steps', attack['steps'])} (Linf eps {attack['eps']:g}, step "
+         f"{attack.get('eval_step_size', attack['step_size']):g}, random start) on "
+         f"{rec['test_examples']} test examples")
+  result = {"stage": stage, "natural_accuracy": rec["natural_accuracy"],
+            "adversarial_accuracy": rec["adversarial_accuracy"], "evaluation": pgd,
+            "pgd_accuracy": rec["adversarial_accuracy"], "pgd_evaluation": pgd,
+            "total_params": total, "nonzero_params": nonzero,
+            "compression": sparse.get("compression", 1.0),
+            "wall_time_s": round(sum(report["wall_time_s"].values()), 1)}  # all its stages
+  if robust:
+    result.update(adversarial_accuracy=robust["robust_accuracy"],
+                  evaluation=(f"{robust['attack']} ({robust['norm'].capitalize()} eps "
+                              f"{robust['eps']:g}, admm_jax.evaluate) on the first "
+                              f"{robust['examples']} test examples"),
+                  evaluation_wall_time_s=robust["wall_time_s"])
+  return result
+
+
+def robust_evaluation(study: ml_collections.ConfigDict, cell_dir: str, report: dict[str, Any]
+                      ) -> dict[str, Any] | None:
+  """admm_jax.evaluate's `study.robust_eval` on the cell's last stage (None when off); a
+  record it wrote before for the same attack and examples is read instead of recomputed."""
+  if not study.robust_eval:
+    return None
+  from admm_jax import evaluate
+  stage = list(report["stages"])[-1]
+  _, label = evaluate.parse_attack(study.robust_eval)
+  examples = report["stages"][stage]["test_examples"]
+  examples = min(study.robust_eval_limit or examples, examples)
+  path = os.path.join(cell_dir, "evaluation", f"{stage}_{label}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved.get("examples") == examples and saved.get("eps") == report["attack"]["eps"]:
+      return saved
+  return evaluate.evaluate_workdir(cell_dir, stage, attack=study.robust_eval,
+                                   limit=study.robust_eval_limit, sanity=False)
 
 
 def _finished_report(cell_dir: str, config: ml_collections.ConfigDict) -> dict | None:
@@ -342,12 +392,12 @@ def _finished_report(cell_dir: str, config: ml_collections.ConfigDict) -> dict |
   return report if list(report["stages"]) == configlib.stages(config) else None
 
 
-def _record(cell: Cell, status: str, report: dict | None = None, error: str | None = None
-            ) -> dict[str, Any]:
+def _record(cell: Cell, status: str, report: dict | None = None, error: str | None = None,
+            robust: dict | None = None) -> dict[str, Any]:
   return {"name": cell.name, "kind": cell.kind, "seed": cell.seed, **cell.labels,
           "overrides": cell.overrides, "status": status, "error": error,
           "report": f"cells/{cell.name}/report.json",
-          "results": evaluation_of(report) if report else None}
+          "results": evaluation_of(report, robust) if report else None}
 
 
 def _run_cell(study: ml_collections.ConfigDict, cell: Cell, workdir: str,
@@ -358,24 +408,29 @@ def _run_cell(study: ml_collections.ConfigDict, cell: Cell, workdir: str,
   cell_dir = os.path.join(workdir, "cells", cell.name)
   report = _finished_report(cell_dir, config)
   if report is not None:
-    logging.info("study: %s finished earlier; skipping", cell.name)
-    return _record(cell, "finished", report)
-  source = cell.depends_on
-  if source and records.get(source, {}).get("status") != "finished":
-    logging.warning("study: %s skipped: it starts from %s, which did not finish", cell.name,
-                    source)
-    return _record(cell, "skipped", error=f"starts from {source}, which did not finish")
-  logging.info("study: running %s (%s)", cell.name,
-               ", ".join(f"{k}={v}" for k, v in cell.overrides.items()))
+    logging.info("study: %s finished earlier; skipping its training", cell.name)
+  else:
+    source = cell.depends_on
+    if source and records.get(source, {}).get("status") != "finished":
+      logging.warning("study: %s skipped: it starts from %s, which did not finish", cell.name,
+                      source)
+      return _record(cell, "skipped", error=f"starts from {source}, which did not finish")
+    logging.info("study: running %s (%s)", cell.name,
+                 ", ".join(f"{k}={v}" for k, v in cell.overrides.items()))
+    try:
+      report = pipeline.train_and_evaluate(config, cell_dir)
+    except Exception as e:  # reported in study.json; the study goes on
+      logging.error("study: %s failed: %s\n%s", cell.name, e, traceback.format_exc())
+      return _record(cell, "failed", error=f"{type(e).__name__}: {e}")
+    if study.plot_cells:
+      from admm_jax import plot
+      plot.plot_run(cell_dir)
   try:
-    report = pipeline.train_and_evaluate(config, cell_dir)
-  except Exception as e:  # reported in study.json; the study goes on
-    logging.error("study: %s failed: %s\n%s", cell.name, e, traceback.format_exc())
-    return _record(cell, "failed", error=f"{type(e).__name__}: {e}")
-  if study.plot_cells:
-    from admm_jax import plot
-    plot.plot_run(cell_dir)
-  return _record(cell, "finished", report)
+    robust = robust_evaluation(study, cell_dir, report)
+  except Exception as e:  # the training stays; a rerun evaluates again
+    logging.error("study: evaluating %s failed: %s\n%s", cell.name, e, traceback.format_exc())
+    return _record(cell, "failed", error=f"evaluation: {type(e).__name__}: {e}")
+  return _record(cell, "finished", report, robust=robust)
 
 
 def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

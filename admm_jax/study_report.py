@@ -255,16 +255,18 @@ def plot_pruned_scratch_inherited(cells: list[dict], path: str) -> str | None:
 # ------------------------------------------------------------------------------- report
 
 def _cell_table(cells: list[dict]) -> list[str]:
-  lines = ["| cell | status | stage | natural % | adversarial % | nonzero params | "
-           "compression | stages' wall s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| cell | status | stage | natural % | adversarial % | PGD % | nonzero params | "
+           "compression | stages' wall s |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for c in cells:
     r = c["results"]
     if r:
       lines.append(f"| {c['name']} | {c['status']} | {r['stage']} | "
-                   f"{100 * r[NAT]:.1f} | {100 * r[ADV]:.1f} | {r['nonzero_params']} | "
+                   f"{100 * r[NAT]:.1f} | {100 * r[ADV]:.1f} | "
+                   f"{100 * r.get('pgd_accuracy', r[ADV]):.1f} | {r['nonzero_params']} | "
                    f"{r['compression']:.1f}x | {r['wall_time_s']:.0f} |")
     else:
-      lines.append(f"| {c['name']} | {c['status']}: {c['error'] or ''} | | | | | | |")
+      lines.append(f"| {c['name']} | {c['status']}: {c['error'] or ''} | | | | | | | |")
   return lines
 
 
@@ -275,15 +277,18 @@ def render(summary: dict[str, Any], plots: dict[str, str | None]) -> str:
   evaluations = sorted({c["results"]["evaluation"] for c in cells if c["results"]})
   lines = [f"# Study: {run['data']['name']}, {run['model']['name']}, seeds "
            f"{', '.join(map(str, config['seeds']))}", "",
-           f"Robust accuracy: {'; '.join(evaluations) or 'no cell finished'}, the PGD "
-           "evaluation each run wrote to its report.json (`study.evaluation_of`, the strongest "
-           "evaluation wired into the study today; AutoAttack replaces it there once "
-           "`admm_jax.evaluate` exists). Numbers: test accuracy %, mean ± sample standard "
+           f"Robust (\"adversarial\") accuracy: {'; '.join(evaluations) or 'no cell finished'} "
+           "(`robust_eval` of the study config; with it off, the PGD evaluation each run wrote "
+           "to its report.json). Natural accuracy: the whole test split; the cell table also "
+           "gives each run's own PGD accuracy on the whole test split. Numbers: test accuracy %, "
+           "mean ± sample standard "
            "deviation over seeds (n = seeds). Holds? " + RULE + ".", ""]
   finished = sum(c["status"] == "finished" for c in cells)
   busy = sum(c["results"]["wall_time_s"] for c in cells if c["results"])
+  attacking = sum(c["results"].get("evaluation_wall_time_s", 0) for c in cells if c["results"])
   lines += [f"{finished} of {len(cells)} cells finished; their training loops (without "
             f"compilation and setup) add up to {busy / 60:.1f} minutes"
+            + (f", their robust evaluations to {attacking / 60:.1f} minutes" if attacking else "")
             + (f" (this invocation of the study: {summary['wall_time_s'] / 60:.1f} minutes)."
                if "wall_time_s" in summary else "."), ""]
   for i, (title, claim, rows_fn, plot_name) in enumerate(FINDINGS, 1):

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from admm_jax import models, pipeline, plot, study, study_report, tensorboard_log
+from admm_jax import evaluate, models, pipeline, plot, study, study_report, tensorboard_log
 
 pytestmark = pytest.mark.slow  # end to end: run by .ci/run after the default command
 
@@ -54,7 +54,8 @@ def micro_study(**fields):
   run.pretrain.epochs = run.admm.epochs = run.retrain.epochs = 1
   run.inherited.update(warmup_epochs=run.retrain.warmup_epochs, lr=run.retrain.lr)
   grid = dict(cells="capacity,pruned,scratch,inherited", seeds=(0,), widths=(1, 2),
-              wide_width=2, target_widths=(1,), plot_cells=False)
+              wide_width=2, target_widths=(1,), plot_cells=False,
+              robust_eval="apgd-ce", robust_eval_limit=64)  # one attack compiles once
   grid.update(fields)
   return study.study_config(run, **grid)
 
@@ -86,16 +87,23 @@ def studied(tmp_path_factory):
     first = study.run_study(config, workdir)
   admm_done = os.path.join(_cell(workdir, "pruned-w2to1-s0"), "outputs", "admm.json")
   admm_mtime = os.path.getmtime(admm_done)
-  ran = []
+  ran, attacked = [], []
 
   def counted(config, cell_dir):
     ran.append(os.path.basename(cell_dir))
     return train_and_evaluate(config, cell_dir)
 
+  def counted_attack(cell_dir, *args, **kwargs):
+    attacked.append(os.path.basename(cell_dir))
+    return evaluate_workdir(cell_dir, *args, **kwargs)
+
+  evaluate_workdir = evaluate.evaluate_workdir
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(pipeline, "train_and_evaluate", counted)
+    mp.setattr(evaluate, "evaluate_workdir", counted_attack)
     second = study.run_study(config, workdir)
   return {"workdir": workdir, "config": config, "first": first, "second": second, "ran": ran,
+          "attacked": attacked,
           "admm_rerun": os.path.getmtime(admm_done) != admm_mtime}
 
 
@@ -115,6 +123,7 @@ def test_a_failing_cell_is_reported_and_the_study_goes_on(studied):
 def test_rerun_skips_finished_cells_and_resumes_the_unfinished_one(studied):
   assert studied["ran"] == ["pruned-w2to1-s0", "inherited-w2to1-s0"]
   assert not studied["admm_rerun"], "the rerun trained the finished admm stage again"
+  assert studied["attacked"] == studied["ran"], "the rerun attacked a finished cell again"
   assert set(_status(studied["second"]).values()) == {"finished"}
   assert _load(os.path.join(studied["workdir"], "study.json"))["cells"] == \
       studied["second"]["cells"]
@@ -125,8 +134,11 @@ def test_study_json_holds_every_cells_overrides_and_report_numbers(studied):
   for cell in studied["second"]["cells"]:
     report = _load(os.path.join(workdir, cell["report"]))
     stage = list(report["stages"])[-1]
-    assert cell["results"]["adversarial_accuracy"] == report["stages"][stage][
-        "adversarial_accuracy"]
+    assert cell["results"]["pgd_accuracy"] == report["stages"][stage]["adversarial_accuracy"]
+    robust = _load(os.path.join(workdir, "cells", cell["name"], "evaluation",
+                                f"{stage}_apgd-ce.json"))
+    assert robust["examples"] == 64 and robust["eps"] == report["attack"]["eps"]
+    assert cell["results"]["adversarial_accuracy"] == robust["robust_accuracy"]
     assert cell["results"]["natural_accuracy"] == report["stages"][stage]["natural_accuracy"]
     assert report["config"]["seed"] == cell["seed"]
     assert report["config"]["stages"] == cell["overrides"]["stages"]
@@ -143,15 +155,16 @@ def test_report_tables_hold_the_cells_numbers(studied):
   with open(os.path.join(workdir, "report.md")) as f:
     text = f.read()
 
-  def adv(name_prefix):
-    return [_load(os.path.join(workdir, c["report"]))["stages"][c["results"]["stage"]][
-        "adversarial_accuracy"] for c in cells if c["name"].startswith(name_prefix)]
+  def adv(name_prefix):  # the robust evaluation's file, as the cell's folder holds it
+    return [_load(os.path.join(workdir, "cells", c["name"], "evaluation",
+                               f"{c['results']['stage']}_apgd-ce.json"))["robust_accuracy"]
+            for c in cells if c["name"].startswith(name_prefix)]
 
   assert f"w=2: {_mean(adv('capacity-w2-'))}" in text
   assert (f"pruned {_mean(adv('pruned-w2to1-'))} vs scratch "
           f"{_mean(adv('scratch-w1-'))}") in text
   assert f"vs inherited {_mean(adv('inherited-w2to1-'))}" in text
-  assert "PGD-2 (Linf eps 0.1" in text  # which evaluation the numbers are
+  assert "apgd-ce (Linf eps 0.1, admm_jax.evaluate) on the first 64 test examples" in text
   for i, title in enumerate(["Capacity", "Pruning against small-from-scratch",
                              "Inherited initialization", "Sparsity schemes"], 1):
     assert f"## {i}. {title}" in text
@@ -281,6 +294,8 @@ def test_plot_without_metrics_is_one_sentence(tmp_path):
      "kind 'rows' for config.schemes/scheme_ratios is unknown"),
     (dict(cells="schemes", scheme_layers="conv9/kernel"),
      "cell scheme-irregular-r0.75-s0: config.sparsity: pattern 'conv9/kernel' matches no"),
+    (dict(robust_eval="apgd-ce,pgd-9"), "config.robust_eval: .* unknown attack 'pgd-9'"),
+    (dict(robust_eval_limit=-1), "config.robust_eval_limit=-1 is invalid"),
 ])
 def test_bad_grid_is_one_sentence(fields, message):
   with pytest.raises(study.StudyError, match=message):
