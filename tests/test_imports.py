@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # modules (models pull flax, data pulls tfds).
 APPLICATION_MODULES = ("tensorflow_datasets", "orbax", "ml_collections", "grain", "matplotlib",
                        "tensorboard", "torch", "flax", "admm_jax.models", "admm_jax.data",
-                       "admm_jax.kernels", "admm_jax.pipeline", "admm_jax.train",
-                       "admm_jax.checkpoint")
+                       "admm_jax.kernels", "admm_jax.trainer", "admm_jax.stages",
+                       "admm_jax.train", "admm_jax.checkpoint")
 
 
 def _modules_after(code: str) -> list[str]:
