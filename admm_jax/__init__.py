@@ -7,8 +7,9 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("attacks", "autoattack", "losses", "projections", "sparsity", "transforms",
-               "models", "data", "train", "pipeline", "checkpoint", "parallel", "configlib",
-               "kernels", "graph", "export", "reliability", "study", "plot")
+               "models", "data", "train", "stages", "trainer", "reports", "workdir",
+               "checkpoint", "parallel", "configlib", "kernels", "graph", "export", "reliability",
+               "study", "plot")
 
 
 def __getattr__(name):

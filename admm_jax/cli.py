@@ -10,8 +10,8 @@ from absl import flags
 
 def user_errors() -> tuple[type[Exception], ...]:
   """Errors that are the user's to fix: one sentence, exit code 2, no traceback."""
-  from admm_jax import checkpoint, configlib, data, parallel, pipeline, plot, reliability
-  return (configlib.ConfigError, data.DataError, pipeline.WorkdirError,
+  from admm_jax import checkpoint, configlib, data, parallel, plot, reliability, workdir
+  return (configlib.ConfigError, data.DataError, workdir.WorkdirError,
           checkpoint.CheckpointError, parallel.ParallelError, plot.PlotError,
           reliability.RunStopped)
 

@@ -14,8 +14,9 @@ import ml_collections
 
 from admm_jax import attacks, losses, projections
 from admm_jax.kernels import CONV_IMPLS
+from admm_jax.stages import STAGES
 
-STAGE_ORDER = ("pretrain", "admm", "retrain", "scratch", "inherited")
+STAGE_ORDER = tuple(STAGES)   # pretrain, admm, retrain, scratch, inherited
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "steps", "admm")
 LOCAL_DATASETS = ("mnist", "fashion_mnist")   # IDX files in data.dir; with data.dir='' any TFDS
@@ -245,8 +246,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive_int(config, "max_checkpoints")
   for s in STAGE_ORDER:
     stage = config[s]
-    _positive_int(config, f"{s}.epochs", zero_ok=(s in ("scratch", "inherited")),
-                  most=MAX_EPOCHS)
+    _positive_int(config, f"{s}.epochs", zero_ok=STAGES[s].budget_at_zero, most=MAX_EPOCHS)
     if stage.optimizer not in OPTIMIZERS:
       _fail(f"{s}.optimizer", stage.optimizer, f"use one of {', '.join(OPTIMIZERS)}")
     _number(config, f"{s}.lr", 0.0, 10.0, lo_open=True)
@@ -270,13 +270,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       -1 <= p.process_id < (p.num_processes or 2**31 - 1)):
     _fail("parallel.process_id", p.process_id, "use -1 (detect) or an integer in [0, "
           "parallel.num_processes)")
-  if any(s in names for s in ("admm", "retrain", "inherited")):
+  if any(STAGES[s].sparse for s in names):
     try:
       rules = parse_sparsity(config.sparsity)
     except ConfigError as e:
       raise ConfigError(f"config.sparsity: {e}") from None
     if not rules:
-      _fail("sparsity", config.sparsity, "name at least one 'pattern=kind:ratio' for admm/retrain")
+      _fail("sparsity", config.sparsity, "name at least one 'pattern=kind:ratio' for the "
+            f"pruning stages ({', '.join(s for s in names if STAGES[s].sparse)})")
     for pattern, (kind, ratio) in rules.items():
       try:
         re.compile(pattern)

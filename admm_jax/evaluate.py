@@ -4,7 +4,7 @@ Run: python -m admm_jax.evaluate --workdir=runs/fmnist [--stage=retrain] [--atta
      [--eps=<the run's attack.eps>] [--norm=linf] [--limit=N] [--batch_size=B]
 
 The run's config (report.json's "config") rebuilds the model and the test split exactly as
-the trainer did (pipeline.make_context / load_output). The first N test examples are attacked
+the trainer did (trainer.make_context / load_output). The first N test examples are attacked
 in order, batch by batch, sharded over all devices as in training; every finished batch is
 saved atomically under W/evaluation/partial/, so an interrupted evaluation resumes where it
 stopped (same batches, same keys, same result). It writes
@@ -29,7 +29,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from admm_jax import attacks, cli, configlib, data, parallel, pipeline, train
+from admm_jax import attacks, cli, configlib, data, parallel, reports, stages, train, trainer
+from admm_jax.workdir import WorkdirError, write_json_atomic
 
 SANITY_LIMIT = 200
 # Tolerances of the sanity checks, as accuracies (fractions of the examples checked).
@@ -89,7 +90,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 # Jitted programs per (kind, runtime, model, settings): the sanity checks and repeated
-# evaluations in one process (tests, the pipeline hook) reuse the compilation.
+# evaluations in one process (tests, the trainer's hook) reuse the compilation.
 _JITTED: dict[tuple, Any] = {}
 
 
@@ -124,7 +125,7 @@ def _single_attacks_fn(rt: parallel.Runtime, model, runs: Sequence[tuple[str, fl
   return _jit_per_batch(rt, per_batch, ("single", rt, model, tuple(runs), norm))
 
 
-def _partial_dir(ctx: pipeline.Context, stage: str, label: str, meta: dict) -> str:
+def _partial_dir(ctx: trainer.Context, stage: str, label: str, meta: dict) -> str:
   """W/evaluation/partial/<stage>_<label>/: per-batch results of an evaluation in progress;
   cleared when its settings (meta) differ from the ones it was started with.
 
@@ -144,7 +145,7 @@ def _partial_dir(ctx: pipeline.Context, stage: str, label: str, meta: dict) -> s
           os.remove(os.path.join(folder, name))
     if not same:
       os.makedirs(folder, exist_ok=True)
-      pipeline.write_json_atomic(meta_path, meta)
+      write_json_atomic(meta_path, meta)
   parallel.sync(f"evaluation folder {folder}")
   return folder
 
@@ -155,13 +156,12 @@ def _save_batch(path: str, arrays: dict[str, np.ndarray]) -> None:
   os.replace(tmp, path)
 
 
-def _load_variables(ctx: pipeline.Context, stage: str):
+def _load_variables(ctx: trainer.Context, stage: str):
   """(model, params, batch_stats) of the finished `stage` of ctx.workdir."""
   check_finished(ctx.workdir, stage)
-  width = ctx.config.scratch.width if stage == "scratch" else ctx.config.model.width
-  model = ctx.model(width)
+  model = ctx.model(stages.STAGES[stage].width(ctx.config))
   like = train.init_variables(model, ctx.key("init", stage), ctx.dataset.image_shape)
-  variables = pipeline.load_output(ctx, stage, like)
+  variables = trainer.load_output(ctx, stage, like)
   return model, variables["params"], variables["batch_stats"]
 
 
@@ -181,7 +181,7 @@ def check_finished(workdir: str, stage: str) -> None:
                           "first.")
 
 
-def _run_batches(ctx: pipeline.Context, fn, params, batch_stats, examples: data.Examples,
+def _run_batches(ctx: trainer.Context, fn, params, batch_stats, examples: data.Examples,
                  batch_size: int, key: jax.Array, folder: str | None = None, what: str = ""
                  ) -> dict[str, np.ndarray]:
   """fn (see _jit_per_batch) over `examples` in order, batch i with key fold_in(key, i).
@@ -217,7 +217,7 @@ def _run_batches(ctx: pipeline.Context, fn, params, batch_stats, examples: data.
       robust = np.mean(np.concatenate([o["robust"] for o in out]))
       logging.info("%s: batch %d/%d, %d/%d examples | robust so far %.4f | %.1f ex/s | ETA %s",
                    what, i + 1, len(batches), done, n, robust, rate,
-                   pipeline._fmt_time((n - done) / max(rate, 1e-9)))
+                   reports.format_duration((n - done) / max(rate, 1e-9)))
   return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 
@@ -278,14 +278,14 @@ def sanity_checks(ctx, model, params, batch_stats, examples: data.Examples, eps:
   return checks
 
 
-def evaluate_stage(ctx: pipeline.Context, stage: str, *, attack: str = "autoattack",
+def evaluate_stage(ctx: trainer.Context, stage: str, *, attack: str = "autoattack",
                    eps: float | None = None, norm: str = "linf", limit: int = 0,
                    batch_size: int = 0, sanity: bool = True, sanity_limit: int = SANITY_LIMIT
                    ) -> dict[str, Any]:
   """Evaluates `stage`'s output in ctx.workdir; writes and returns the evaluation record.
 
   Args:
-    ctx: a pipeline.Context of the run (make_context(run_config(workdir), workdir)).
+    ctx: a trainer.Context of the run (make_context(run_config(workdir), workdir)).
     stage: a finished stage of the run.
     attack: see parse_attack.
     eps: threat radius (None: the run's attack.eps).
@@ -347,7 +347,7 @@ def evaluate_stage(ctx: pipeline.Context, stage: str, *, attack: str = "autoatta
   if ctx.is_writer:
     out = os.path.join(ctx.workdir, "evaluation", f"{stage}_{label}")
     np.save(out + "_robust.npy", result["robust"].astype(bool))
-    pipeline.write_json_atomic(out + ".json", record)
+    write_json_atomic(out + ".json", record)
   parallel.sync(f"evaluation of {stage} written")
   logging.info("evaluate %s: clean %.4f | %s", stage, record["clean_accuracy"],
                " -> ".join(f"{a} {v:.4f}" for a, v in zip(names, robust_after)))
@@ -364,12 +364,12 @@ def evaluate_workdir(workdir: str, stage: str = "retrain", **kwargs) -> dict[str
   if kwargs.get("eps") is not None:
     check_eps(kwargs["eps"], kwargs.get("norm", "linf"))
   check_finished(path, stage)
-  ctx = pipeline.make_context(config, path)
+  ctx = trainer.make_context(config, path)
   return evaluate_stage(ctx, stage, **kwargs)
 
 
-def final_evaluation(ctx: pipeline.Context, stage: str) -> dict[str, Any]:
-  """The pipeline's hook (config.eval): the stage's `<label>_accuracy` and `<label>_examples`."""
+def final_evaluation(ctx: trainer.Context, stage: str) -> dict[str, Any]:
+  """The trainer's hook (config.eval): the stage's `<label>_accuracy` and `<label>_examples`."""
   e = ctx.config.eval
   record = evaluate_stage(ctx, stage, attack=e.final_attack, limit=e.final_limit,
                           sanity_limit=e.sanity_limit, sanity=e.sanity_limit > 0)
@@ -382,7 +382,7 @@ def final_evaluation(ctx: pipeline.Context, stage: str) -> dict[str, Any]:
 def _user_errors() -> tuple[type[Exception], ...]:
   """As admm_jax.main's: errors that are the user's to fix (one sentence, exit code 2)."""
   from admm_jax import checkpoint, reliability  # pylint: disable=import-outside-toplevel
-  return (EvaluationError, configlib.ConfigError, data.DataError, pipeline.WorkdirError,
+  return (EvaluationError, configlib.ConfigError, data.DataError, WorkdirError,
           checkpoint.CheckpointError, parallel.ParallelError, reliability.RunStopped)
 
 

@@ -495,7 +495,7 @@ def _evaluate(artifact: jax.export.Exported, masked_fn, dataset, config, stage: 
               ) -> dict[str, float]:
   """Natural and PGD accuracy of the artifact over the test split (the keys the run used for
   its test numbers), and the largest |logit difference| from the masked model."""
-  from admm_jax import data, pipeline, train  # pylint: disable=import-outside-toplevel
+  from admm_jax import data, train, trainer  # pylint: disable=import-outside-toplevel
   a = config.attack
   attack = train.Attack("pgd", a.eps, a.eval_step_size, a.eval_steps, True)
   apply_fn = lambda _, x: artifact.call(x)
@@ -512,7 +512,7 @@ def _evaluate(artifact: jax.export.Exported, masked_fn, dataset, config, stage: 
                                            dtype=jnp.int32),
             "max_diff": diff}
 
-  key = pipeline.purpose_key(jax.random.key(config.seed), "test", stage)
+  key = trainer.purpose_key(jax.random.key(config.seed), "test", stage)
   batches = data.epoch_batches(dataset.test, config.eval_batch_size, seed=0, epoch=0,
                                shuffle=False, drop_remainder=False)
   totals = {"count": 0, "natural_correct": 0, "adversarial_correct": 0, "max_diff": 0.0}

@@ -37,14 +37,15 @@ def main(argv):
                                       config.parallel.num_processes, config.parallel.process_id)
     if _TUNE_MALLOC.value:
       cli.tune_malloc(config.model.conv_impl)
-    from admm_jax import pipeline
-    report = pipeline.train_and_evaluate(config, _WORKDIR.value)
+    from admm_jax import trainer
+    report = trainer.train_and_evaluate(config, _WORKDIR.value)
   except cli.user_errors() as e:
     cli.fail(e)
   except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was pending
     cli.fail_interrupted_twice()
   if parallel.is_writer():  # one summary, not one per host
-    print(pipeline.summary(report))
+    from admm_jax import reports
+    print(reports.summary(report))
     print(f"report: {os.path.join(os.path.abspath(_WORKDIR.value), 'report.json')}")
 
 

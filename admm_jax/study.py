@@ -403,7 +403,7 @@ def _record(cell: Cell, status: str, report: dict | None = None, error: str | No
 def _run_cell(study: ml_collections.ConfigDict, cell: Cell, workdir: str,
               records: dict[str, dict]) -> dict[str, Any]:
   """Runs (or resumes, or skips) one cell; never raises for a failure of the run itself."""
-  from admm_jax import pipeline
+  from admm_jax import trainer
   config = cell_config(study, cell, workdir)
   cell_dir = os.path.join(workdir, "cells", cell.name)
   report = _finished_report(cell_dir, config)
@@ -418,7 +418,7 @@ def _run_cell(study: ml_collections.ConfigDict, cell: Cell, workdir: str,
     logging.info("study: running %s (%s)", cell.name,
                  ", ".join(f"{k}={v}" for k, v in cell.overrides.items()))
     try:
-      report = pipeline.train_and_evaluate(config, cell_dir)
+      report = trainer.train_and_evaluate(config, cell_dir)
     except Exception as e:  # reported in study.json; the study goes on
       logging.error("study: %s failed: %s\n%s", cell.name, e, traceback.format_exc())
       return _record(cell, "failed", error=f"{type(e).__name__}: {e}")
@@ -436,20 +436,21 @@ def _run_cell(study: ml_collections.ConfigDict, cell: Cell, workdir: str,
 def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs every cell of `study` in `workdir` (skipping finished ones), then writes
   study.json, report.md and plots/; returns the study.json content."""
-  from admm_jax import pipeline, plot, study_report
+  from admm_jax import plot, study_report
+  from admm_jax.workdir import prepare_workdir, write_json_atomic
   cells = plan(study)
   plot.require_matplotlib()  # fail now, not after an hour of training
-  workdir = pipeline.prepare_workdir(workdir)
+  workdir = prepare_workdir(workdir)
   t0, records = time.time(), {}
   summary = {"config": json.loads(study.to_json_best_effort()), "cells": []}
   for i, cell in enumerate(cells):
     logging.info("study: cell %d/%d: %s", i + 1, len(cells), cell.name)
     records[cell.name] = _run_cell(study, cell, workdir, records)
     summary["cells"] = list(records.values())
-    pipeline.write_json_atomic(os.path.join(workdir, "study.json"), summary)
+    write_json_atomic(os.path.join(workdir, "study.json"), summary)
   summary["wall_time_s"] = round(time.time() - t0, 1)
   summary["report"] = study_report.write_report(summary, workdir)
-  pipeline.write_json_atomic(os.path.join(workdir, "study.json"), summary)
+  write_json_atomic(os.path.join(workdir, "study.json"), summary)
   failed = [r["name"] for r in records.values() if r["status"] != "finished"]
   logging.info("study: %d of %d cells finished%s; report %s", len(cells) - len(failed),
                len(cells), f" (not finished: {', '.join(failed)})" if failed else "",

@@ -97,23 +97,25 @@ def run_cell(config, workdir: str) -> tuple[dict, float]:
   evaluation), kept in <workdir>/bench_wall_time.json so that a rerun reports it unchanged;
   a cell finished over several interrupted runs adds up their times.
   """
-  from admm_jax import pipeline  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from admm_jax import trainer
+  from admm_jax.workdir import write_json_atomic
   path = os.path.join(workdir, "bench_wall_time.json")
   spent = 0.0
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
     if saved.get("finished"):
-      return pipeline.train_and_evaluate(config, workdir), saved["wall_time_s"]
+      return trainer.train_and_evaluate(config, workdir), saved["wall_time_s"]
     spent = saved["wall_time_s"]
   t0 = time.time()
   try:
-    report = pipeline.train_and_evaluate(config, workdir)
+    report = trainer.train_and_evaluate(config, workdir)
   except BaseException:
-    pipeline.write_json_atomic(path, {"wall_time_s": spent + time.time() - t0, "finished": False})
+    write_json_atomic(path, {"wall_time_s": spent + time.time() - t0, "finished": False})
     raise
   wall = spent + time.time() - t0
-  pipeline.write_json_atomic(path, {"wall_time_s": wall, "finished": True})
+  write_json_atomic(path, {"wall_time_s": wall, "finished": True})
   return report, wall
 
 

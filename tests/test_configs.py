@@ -50,16 +50,16 @@ def test_parse_sparsity_forms():
 
 
 def test_warmup_ramps_the_stage_schedule_linearly_then_leaves_it_alone():
-  from admm_jax import pipeline
+  from admm_jax import stages
   stage = configlib.base_config().retrain
   stage.update(lr=0.1, schedule="cosine", epochs=2, warmup_epochs=0.5)
-  sched = pipeline.lr_schedule(stage, steps_per_epoch=10)
+  sched = stages.lr_schedule(stage, steps_per_epoch=10)
   cosine = optax.cosine_decay_schedule(0.1, 20)
   for count in range(20):
     ramp = min(1.0, (count + 1) / 5)
     np.testing.assert_allclose(float(sched(count)), ramp * float(cosine(count)), rtol=1e-6)
   stage.warmup_epochs = 0.0
-  assert float(pipeline.lr_schedule(stage, steps_per_epoch=10)(0)) == pytest.approx(0.1)
+  assert float(stages.lr_schedule(stage, steps_per_epoch=10)(0)) == pytest.approx(0.1)
   with pytest.raises(configlib.ConfigError, match="retrain.warmup_epochs"):
     config = configlib.base_config()
     config.retrain.warmup_epochs = 3.0

@@ -1,6 +1,6 @@
 """admm_jax.evaluate: files and fields, --limit, resume, cascades, sanity checks, bad input.
 
-One tiny run (pretrain only, LeNet w=1, 256 examples, one epoch) with the pipeline hook on,
+One tiny run (pretrain only, LeNet w=1, 256 examples, one epoch) with the trainer's hook on,
 then in-process evaluations with cheap members (pgd, fgsm) at batch 8 (8 forced devices).
 """
 import json
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from admm_jax import attacks, configlib, evaluate, pipeline, train
+from admm_jax import attacks, configlib, evaluate, reports, train, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_lenet.py")
@@ -45,8 +45,8 @@ def _tiny_config():
 def run(tmp_path_factory):
   """(workdir, report, ctx) of a finished tiny run with eval.final_attack='pgd,fgsm'."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  report = pipeline.train_and_evaluate(_tiny_config(), workdir)
-  ctx = pipeline.make_context(evaluate.run_config(workdir), workdir)
+  report = trainer.train_and_evaluate(_tiny_config(), workdir)
+  ctx = trainer.make_context(evaluate.run_config(workdir), workdir)
   return workdir, report, ctx
 
 
@@ -68,7 +68,7 @@ def test_pipeline_hook_adds_the_stage_accuracy_to_report_and_summary(run):
   assert saved["robust_accuracy"] == rec["pgd+fgsm_accuracy"] and saved["examples"] == 24
   assert saved["sanity"] == {} and rec["pgd+fgsm_sanity_failed"] == []
   assert rec["pgd+fgsm_accuracy"] <= saved["clean_accuracy"]
-  assert "pgd+fgsm (admm_jax.evaluate): robust" in pipeline.summary(report)
+  assert "pgd+fgsm (admm_jax.evaluate): robust" in reports.summary(report)
 
 
 def test_writes_json_and_robust_vector_with_every_field(run):

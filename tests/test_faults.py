@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from admm_jax import checkpoint, main, pipeline, reliability, train
+from admm_jax import checkpoint, main, reliability, reports, train, trainer
 from tree_digest import tree_digest
 
 pytestmark = pytest.mark.slow  # end to end: run by .ci/run after the default command
@@ -63,7 +63,7 @@ def _config(**extra):
 
 
 def _run(workdir, **extra):
-  return pipeline.train_and_evaluate(_config(**extra), str(workdir))
+  return trainer.train_and_evaluate(_config(**extra), str(workdir))
 
 
 def _numbers(report):
@@ -276,7 +276,7 @@ def test_chance_level_stage_warns_in_log_report_and_summary(tmp_path, caplog):
   assert len(report["warnings"]) == 1
   warning = report["warnings"][0]
   assert warning.startswith("pretrain ended at chance level") and "pretrain.lr=10" in warning
-  assert warning in caplog.text and f"warning: {warning}" in pipeline.summary(report)
+  assert warning in caplog.text and f"warning: {warning}" in reports.summary(report)
   with open(tmp_path / "chance" / "report.json") as f:
     assert json.load(f)["warnings"] == [warning]
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from admm_jax import evaluate, models, pipeline, plot, study, study_report, tensorboard_log
+from admm_jax import evaluate, models, plot, stages, study, study_report, tensorboard_log, trainer
 
 pytestmark = pytest.mark.slow  # end to end: run by .ci/run after the default command
 
@@ -75,7 +75,7 @@ def studied(tmp_path_factory):
   admm finished), then a rerun picks up what is left."""
   workdir = str(tmp_path_factory.mktemp("study"))
   config = micro_study()
-  run_stage, train_and_evaluate = pipeline.run_stage, pipeline.train_and_evaluate
+  run_stage, train_and_evaluate = trainer.run_stage, trainer.train_and_evaluate
 
   def dies_in_retrain(ctx, stage):
     if stage == "retrain" and ctx.workdir.endswith("pruned-w2to1-s0"):
@@ -83,7 +83,7 @@ def studied(tmp_path_factory):
     return run_stage(ctx, stage)
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(pipeline, "run_stage", dies_in_retrain)
+    mp.setattr(trainer, "run_stage", dies_in_retrain)
     first = study.run_study(config, workdir)
   admm_done = os.path.join(_cell(workdir, "pruned-w2to1-s0"), "outputs", "admm.json")
   admm_mtime = os.path.getmtime(admm_done)
@@ -99,7 +99,7 @@ def studied(tmp_path_factory):
 
   evaluate_workdir = evaluate.evaluate_workdir
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(pipeline, "train_and_evaluate", counted)
+    mp.setattr(trainer, "train_and_evaluate", counted)
     mp.setattr(evaluate, "evaluate_workdir", counted_attack)
     second = study.run_study(config, workdir)
   return {"workdir": workdir, "config": config, "first": first, "second": second, "ran": ran,
@@ -188,7 +188,7 @@ def test_pruned_cell_has_exactly_the_narrow_networks_parameter_count(studied):
 
 
 def _variables(ctx, stage):
-  return pipeline.stage_setup(ctx, stage)[1]
+  return trainer.stage_setup(ctx, stages.STAGES[stage])[1]
 
 
 def test_inherited_stage_starts_from_the_wide_networks_initial_weights_masked(studied):
@@ -196,15 +196,15 @@ def test_inherited_stage_starts_from_the_wide_networks_initial_weights_masked(st
   cells = {c.name: c for c in study.plan(config)}
 
   def context(name):
-    return pipeline.make_context(study.cell_config(config, cells[name], workdir),
+    return trainer.make_context(study.cell_config(config, cells[name], workdir),
                                  _cell(workdir, name))
 
   initial = _variables(context("capacity-w2-s0"), "pretrain")["params"]  # pretrain's start
   ctx = context("inherited-w2to1-s0")
   start = _variables(ctx, "inherited")["params"]
-  like = pipeline._fresh_variables(ctx, ctx.model(2), "pretrain")
-  pruned = pipeline.load_output(ctx, "retrain", like)["params"]   # the pruned network
-  trained = pipeline.load_output(ctx, "inherited", like)["params"]
+  like = ctx.fresh_variables(ctx.model(2), "pretrain")
+  pruned = trainer.load_output(ctx, "retrain", like)["params"]   # the pruned network
+  trained = trainer.load_output(ctx, "inherited", like)["params"]
   for (path, w0), s, p, t in zip(jax.tree_util.tree_leaves_with_path(initial),
                                  jax.tree.leaves(start), jax.tree.leaves(pruned),
                                  jax.tree.leaves(trained)):

@@ -1,0 +1,481 @@
+"""The trainer: runs the configured stages (`admm_jax.stages`) with resume, metrics and a report.
+
+Each stage trains epoch by epoch with the jitted adversarial step, evaluates on validation
+after every epoch, checkpoints its whole `LoopState`, and when done saves its output model and
+record (files: `admm_jax.workdir`). Running the same command again skips finished stages and
+resumes an unfinished one from its newest readable checkpoint ("resuming from <stage> step
+<n>"). The data order, the augmentation and every PRNG key are pure functions of (seed, stage,
+step), and the epoch's running metrics and best-so-far model are in the checkpoint, so a
+resumed run ends with the same numbers as an uninterrupted one.
+
+SIGTERM/SIGINT, NaN/Inf, damaged files and a full disk end the same way or in one sentence
+(admm_jax.reliability). Where a run's events happen, for code that hooks into them: run start
+(`train_and_evaluate`: lock, signals), stage start (`_initial_state`, after a restore or the
+start's evaluation), each logging interval (`Progress.log`, the stop flag, the finite check),
+each checkpoint (finite check), each epoch end (`_end_epoch`), stage end (`_finish_stage`:
+output, warnings) and the stage's evaluation hook (config.eval, `train_and_evaluate`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+
+from admm_jax import (checkpoint, configlib, data, models, parallel, reliability, reports,
+                      sparsity, stages, train, transforms)
+from admm_jax.workdir import (MetricsLog, StagePaths, WorkdirError, prepare_workdir, stage_paths,
+                              write_json_atomic)
+
+
+def purpose_key(root_key: jax.Array, *purpose: str) -> jax.Array:
+  """The run's key for a purpose, e.g. ("test", "retrain"): the root key folded with each
+  name's CRC (the export recomputes the test split's attacks with the same keys)."""
+  key = root_key
+  for p in purpose:
+    key = jax.random.fold_in(key, zlib.crc32(p.encode()) & 0x7FFFFFFF)
+  return key
+
+
+class Context:
+  """What every stage shares: config, data, runtime, keys, files, stop requests."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               runtime: parallel.Runtime, dataset: data.Dataset):
+    self.config, self.workdir, self.runtime, self.dataset = config, workdir, runtime, dataset
+    self.is_writer = jax.process_index() == 0
+    self.metrics = MetricsLog(os.path.join(workdir, "metrics.jsonl"), self.is_writer,
+                              tensorboard_dir=os.path.join(workdir, "tensorboard"))
+    self.root_key = jax.random.key(config.seed)
+    a = config.attack
+    self.train_attack = train.Attack(a.kind, a.eps, a.step_size, a.steps, a.random_start)
+    self.eval_attack = train.Attack("pgd", a.eps, a.eval_step_size, a.eval_steps, True)
+    self.objective = train.Objective(a.objective, a.beta)
+    self.spec = (sparsity.spec(configlib.parse_sparsity(config.sparsity))
+                 if any(stages.STAGES[s].sparse for s in configlib.stages(config)) else None)
+    self._eval_steps = {}
+    self.stops = reliability.StopRequests()  # inactive; train_and_evaluate installs its own
+
+  def model(self, width: int):
+    return models.get_model(self.config.model.name, width, self.dataset.num_classes,
+                            conv_impl=self.config.model.conv_impl)
+
+  def key(self, *purpose: str) -> jax.Array:
+    return purpose_key(self.root_key, *purpose)
+
+  def fresh_variables(self, model, init: str) -> dict:
+    """The initial variables of `model` under the init key `init` (a Stage's `init`)."""
+    return train.init_variables(model, self.key("init", init), self.dataset.image_shape)
+
+  def steps_per_epoch(self) -> int:
+    return data.steps_per_epoch(len(self.dataset.train), self.config.batch_size)
+
+  def eval_step(self, model):
+    """One jitted eval step per model (its compilation is reused across stages)."""
+    key = (model.width,)
+    if key not in self._eval_steps:
+      rt = self.runtime
+      self._eval_steps[key] = train.jit_eval_step(
+          model, self.eval_attack, in_shardings=(rt.replicated, rt.replicated, rt.data,
+                                                 rt.replicated),
+          out_shardings=rt.replicated)
+    return self._eval_steps[key]
+
+  def evaluate(self, model, params, batch_stats, split: str, key: jax.Array) -> dict[str, float]:
+    examples = getattr(self.dataset, split)
+    if len(examples) == 0:
+      return {"count": 0, "natural_accuracy": float("nan"), "adversarial_accuracy": float("nan")}
+    batches = data.epoch_batches(examples, self.config.eval_batch_size, seed=0, epoch=0,
+                                 shuffle=False, drop_remainder=False,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+    with data.prefetch(batches) as it:
+      return train.evaluate(self.eval_step(model), params, batch_stats,
+                            map(self.runtime.global_batch, it), key)
+
+
+def load_output(ctx: Context, stage: str, like: dict) -> dict | None:
+  """The finished output of `stage` from this workdir, else from config.init_from, else None."""
+  for root in (ctx.workdir, ctx.config.init_from):
+    if not root:
+      continue
+    paths = stage_paths(os.path.abspath(root), stage)
+    if os.path.exists(paths.done):
+      with checkpoint.manager(paths.output) as mngr:
+        # A replicated target: every process restores the global arrays (multi-host).
+        try:
+          _, restored = checkpoint.restore_latest(mngr, ctx.runtime.replicate(like))
+        except checkpoint.CheckpointError:
+          raise checkpoint.CheckpointError(
+              f"the output of stage {stage!r} in {paths.output} is damaged: rerun {stage} by "
+              f"moving {paths.output} and {paths.done} aside and running the same command "
+              "(with that workdir) again; it resumes from the stage's last checkpoint.") from None
+      if restored is None:
+        raise checkpoint.CheckpointError(f"stage {stage!r} is marked finished in {root} but "
+                                         f"{paths.output} holds no output: rerun that stage.")
+      if root != ctx.workdir:
+        logging.info("%s: starting from %s's output in %s", stage, stage, root)
+      return restored
+  return None
+
+
+def stage_setup(ctx: Context, stage: stages.Stage
+                ) -> tuple[Any, dict, optax.GradientTransformation]:
+  """(model, initial variables, optimizer chain) of a stage."""
+  cfg, spe = ctx.config[stage.name], ctx.steps_per_epoch()
+  model = ctx.model(stage.width(ctx.config))
+  fresh = ctx.fresh_variables(model, stage.init)
+  variables = fresh
+  if stage.input is not None:
+    variables = load_output(ctx, stage.input, fresh)
+    if variables is None:
+      raise WorkdirError(
+          f"stage {stage.name!r} {stage.input_use} the output of {stage.input!r}, which is "
+          f"neither in {ctx.workdir} nor in config.init_from={ctx.config.init_from!r}: add "
+          f"{stage.input} to config.stages or point config.init_from at a run that finished it.")
+  update_every = stages.admm_update_every(ctx.config, spe)
+  base = stages.optimizer(cfg, stages.lr_schedule(cfg, spe, update_every))
+  variables, tx = stage.build(stages.StageStart(ctx.config, ctx.spec, variables, fresh, base,
+                                                update_every))
+  return model, variables, tx
+
+
+# ------------------------------------------------------------------ the loop's state
+
+class Best(struct.PyTreeNode):
+  """The best epoch so far on validation adversarial accuracy."""
+  params: Any
+  batch_stats: Any
+  metric: jax.Array   # float32 its validation adversarial accuracy; -1 before the first epoch
+  epoch: jax.Array    # int32 0-based; -1: none yet
+  val: jax.Array      # (2,) float32 its validation (natural, adversarial) accuracy
+
+
+class LoopState(struct.PyTreeNode):
+  """Everything a stage carries from step to step; a checkpoint holds it whole."""
+  train: train.TrainState
+  epoch_metrics: train.Metrics   # running sums of the current epoch ("loss", "correct", "count")
+  best: Best
+  last_val: jax.Array    # (2,) float32 validation (natural, adversarial) of the last epoch
+  start_val: jax.Array   # (2,) the same for the starting point (stages with a start_label)
+  start_test: jax.Array  # (2,) its test accuracies: reported only, never used to select
+  elapsed: jax.Array     # float32 seconds this stage has trained, over all resumes
+
+
+def _copy(tree: Any) -> Any:
+  """New buffers: the train state is donated to the step, so nothing kept may alias it."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+def _zero_metrics() -> train.Metrics:
+  return {"loss": jnp.zeros([], jnp.float32), "correct": jnp.zeros([], jnp.int32),
+          "count": jnp.zeros([], jnp.int32)}
+
+
+def _accuracy_pair(m: dict[str, float]) -> jax.Array:
+  return jnp.asarray([m["natural_accuracy"], m["adversarial_accuracy"]], jnp.float32)
+
+
+def _fresh_loop_state(state: train.TrainState) -> LoopState:
+  nan2 = jnp.full([2], jnp.nan, jnp.float32)
+  best = Best(params=_copy(state.params), batch_stats=_copy(state.batch_stats),
+              metric=jnp.asarray(-1.0, jnp.float32), epoch=jnp.asarray(-1, jnp.int32), val=nan2)
+  return LoopState(train=state, epoch_metrics=_zero_metrics(), best=best, last_val=nan2,
+                   start_val=nan2, start_test=nan2, elapsed=jnp.zeros([], jnp.float32))
+
+
+def _initial_state(ctx: Context, stage: stages.Stage, model, state: train.TrainState,
+                   mngr) -> LoopState:
+  """The newest readable checkpoint of the stage, else its start (evaluated if it says so)."""
+  loop = ctx.runtime.replicate(_fresh_loop_state(state))  # orbax restores into these shardings
+  step, restored = checkpoint.restore_latest(mngr, loop)
+  if restored is not None:
+    logging.info("resuming from %s step %d", stage.name, step)
+    return restored
+  if stage.start_label is None:
+    return loop
+  measured = {}
+  for split in ("validation", "test"):  # test: reported only, never used to select
+    m = ctx.evaluate(model, state.params, state.batch_stats, split,
+                     ctx.key(split, stage.name, "start"))
+    measured[split] = _accuracy_pair(m)
+    logging.info("%s: %s, before training: %s natural %.4f adversarial %.4f", stage.name,
+                 stage.start_label.replace("_", " "), split, m["natural_accuracy"],
+                 m["adversarial_accuracy"])
+  return ctx.runtime.replicate(loop.replace(start_val=measured["validation"],
+                                            start_test=measured["test"]))
+
+
+class Progress:
+  """The periodic progress line: examples/s since the last line, ETA since the (re)start."""
+
+  def __init__(self, stage: str, epochs: int, total_steps: int, batch_size: int, step: int):
+    self.stage, self.epochs, self.total_steps, self.batch_size = (stage, epochs, total_steps,
+                                                                  batch_size)
+    self.t_resume = self.t_log = time.time()
+    self.step_resume = self.step_log = step
+
+  def seconds(self) -> float:
+    """Seconds since this process (re)started the stage."""
+    return time.time() - self.t_resume
+
+  def log(self, epoch: int, step: int, host: dict[str, Any]) -> None:
+    """The progress line from the epoch's running sums, fetched to the host."""
+    now = time.time()
+    rate = (step - self.step_log) * self.batch_size / max(now - self.t_log, 1e-9)
+    eta = (self.total_steps - step) * (now - self.t_resume) / max(step - self.step_resume, 1)
+    logging.info("%s epoch %d/%d step %d/%d | %.0f ex/s | ETA %s | adv loss %.4f acc %.4f",
+                 self.stage, epoch + 1, self.epochs, step, self.total_steps, rate,
+                 reports.format_duration(eta), host["loss"] / max(host["count"], 1),
+                 host["correct"] / max(host["count"], 1))
+    self.t_log, self.step_log = now, step
+
+
+# ------------------------------------------------------------------------ one stage
+
+def run_stage(ctx: Context, name: str) -> dict[str, Any]:
+  """Trains one stage to the end (resuming if it can) and returns its record."""
+  stage, paths = stages.STAGES[name], stage_paths(ctx.workdir, name)
+  if os.path.exists(paths.done):
+    record = reliability.read_json(paths.done, name)
+    logging.info("%s: finished earlier (natural %.4f, adversarial %.4f); skipping", name,
+                 record["natural_accuracy"], record["adversarial_accuracy"])
+    return record
+
+  t_start = time.time()
+  rt, cfg = ctx.runtime, ctx.config
+  model, variables, tx = stage_setup(ctx, stage)
+  epochs, spe = stage.num_epochs(cfg), ctx.steps_per_epoch()
+  total_steps = epochs * spe
+  state = train.create_train_state(variables["params"], variables["batch_stats"], tx)
+  mngr = checkpoint.manager(paths.checkpoints, cfg.max_checkpoints)
+  loop = _initial_state(ctx, stage, model, state, mngr)
+  step = int(loop.train.step)
+  ctx.metrics.truncate(name, step // spe, resume_step=step)
+
+  train_step = train.jit_train_step(
+      model, tx, ctx.train_attack, ctx.objective,
+      in_shardings=(rt.replicated, rt.data, rt.replicated),
+      out_shardings=(rt.replicated, rt.replicated))
+  stage_key = ctx.key("train", name)
+  logging.info("%s: %d epochs x %d steps of batch %d (%d examples), model %s(w=%d), attack %s, "
+               "%s", name, epochs, spe, cfg.batch_size, len(ctx.dataset.train), cfg.model.name,
+               model.width, ctx.train_attack, ctx.objective)
+  elapsed0 = float(loop.elapsed)
+  progress = Progress(name, epochs, total_steps, cfg.batch_size, step)
+  stop = False
+
+  while step < total_steps:
+    epoch, start = divmod(step, spe)
+    batches = data.epoch_batches(
+        ctx.dataset.train, cfg.batch_size, seed=stages.data_seed(cfg, name), epoch=epoch,
+        augment=cfg.data.augment, start_batch=start, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    state, metrics = loop.train, loop.epoch_metrics
+    with data.prefetch(batches, size=3) as it:
+      for local_batch in it:
+        state, m = train_step(state, rt.global_batch(local_batch), stage_key)
+        metrics = train.add_metrics(metrics, m)
+        step += 1
+        if step % cfg.log_every_steps == 0 or step == total_steps:
+          host = jax.device_get(metrics)
+          progress.log(epoch, step, host)
+          ctx.metrics.log_step(name, step, host)
+          _check_finite(ctx, name, step, metrics, state, mngr)
+        stop = ctx.stops.requested(step)  # SIGTERM/SIGINT: checkpoint here, then stop
+        if step % spe and (step % cfg.checkpoint_every_steps == 0 or stop):
+          _check_finite(ctx, name, step, metrics, state, mngr)  # never save NaN/Inf
+          # replicate: elapsed is a host value (process 0's wins); orbax saves global arrays.
+          loop = rt.replicate(loop.replace(
+              train=state, epoch_metrics=metrics,
+              elapsed=jnp.asarray(elapsed0 + progress.seconds(), jnp.float32)))
+          checkpoint.save(mngr, step, loop)
+          if stop:
+            ctx.stops.stop(name, step)
+    _check_finite(ctx, name, step, metrics, state, mngr)
+    loop = _end_epoch(ctx, stage, model, loop.replace(train=state, epoch_metrics=metrics),
+                      epoch, elapsed0 + progress.seconds())
+    checkpoint.save(mngr, step, loop)
+    if stop:
+      ctx.stops.stop(name, step)
+
+  record = _finish_stage(ctx, stage, model, loop, paths, t_start)
+  mngr.close()
+  return record
+
+
+def _check_finite(ctx: Context, stage: str, step: int, metrics: train.Metrics, state,
+                  mngr) -> None:
+  reliability.check_finite(stage, step, metrics["loss"], state.params, ctx.config[stage].lr,
+                           mngr.latest_step())
+
+
+def _chance_warnings(ctx: Context, stage: str, val: np.ndarray, test: dict) -> list[str]:
+  """A warning when the stage's model is no better than guessing (validation, else test)."""
+  acc, n = float(val[0]), len(ctx.dataset.validation)
+  if np.isnan(acc):
+    acc, n = test["natural_accuracy"], test["count"]
+  return reliability.chance_warnings(stage, acc, ctx.dataset.num_classes, n, ctx.config[stage].lr)
+
+
+def _end_epoch(ctx: Context, stage: stages.Stage, model, loop: LoopState, epoch: int,
+               elapsed: float) -> LoopState:
+  """Validation, model selection and the epoch's metrics line; resets the running sums."""
+  state = loop.train
+  host = jax.device_get(loop.epoch_metrics)
+  record = {"stage": stage.name, "epoch": epoch + 1, "step": int(state.step),
+            "train_adversarial_loss": float(host["loss"]) / max(int(host["count"]), 1),
+            "train_adversarial_accuracy": float(host["correct"]) / max(int(host["count"]), 1)}
+  val = ctx.evaluate(model, state.params, state.batch_stats, "validation",
+                     jax.random.fold_in(ctx.key("validation", stage.name), epoch))
+  record.update({f"val_{k}": v for k, v in val.items() if k != "count"})
+  best = loop.best
+  metric = val["adversarial_accuracy"] if val["count"] else float(epoch)  # no validation: last
+  if stage.selects_best and metric > float(best.metric):
+    best = Best(params=_copy(state.params), batch_stats=_copy(state.batch_stats),
+                metric=jnp.asarray(metric, jnp.float32), epoch=jnp.asarray(epoch, jnp.int32),
+                val=_accuracy_pair(val))
+  admm_state = transforms.find_admm_state(state.opt_state)
+  if admm_state is not None:
+    res = jax.device_get(transforms.primal_residuals(admm_state, state.params))
+    record["admm_rho"] = float(admm_state.rho)
+    record["admm_primal_residual"] = {k: float(v) for k, v in res.items()}
+    dist = jax.device_get(sparsity.distance_to_set(state.params, ctx.spec, relative=True))
+    record["admm_distance_to_sparse_set"] = {k: float(v) for k, v in dist.items()}
+  if stage.sparse:
+    layers = sparsity.report(jax.device_get(state.params), ctx.spec).layers
+    record["sparsity"] = {k: layer.zero_fraction for k, layer in layers.items()}
+  record["elapsed_s"] = round(elapsed, 2)
+  ctx.metrics.write(record)
+  logging.info("%s epoch %d: train adv acc %.4f | val natural %.4f adversarial %.4f%s",
+               stage.name, epoch + 1, record["train_adversarial_accuracy"],
+               val["natural_accuracy"], val["adversarial_accuracy"],
+               f" | rho {record['admm_rho']:.3g} max ||W-Z|| "
+               f"{max(record['admm_primal_residual'].values()):.4g}" if admm_state else "")
+  return ctx.runtime.replicate(loop.replace(best=best, epoch_metrics=_zero_metrics(),
+                                            last_val=_accuracy_pair(val),
+                                            elapsed=jnp.asarray(elapsed, jnp.float32)))
+
+
+def _output(stage: stages.Stage, loop: LoopState) -> tuple[Any, Any, str, np.ndarray]:
+  """(params, batch_stats, which epoch, its validation accuracies) of the stage's output."""
+  if stage.selects_best and int(loop.best.epoch) >= 0:
+    chosen = f"epoch {int(loop.best.epoch) + 1} (best validation adversarial accuracy)"
+    return loop.best.params, loop.best.batch_stats, chosen, jax.device_get(loop.best.val)
+  state = loop.train
+  return state.params, state.batch_stats, "last epoch", jax.device_get(loop.last_val)
+
+
+def _finish_stage(ctx: Context, stage: stages.Stage, model, loop: LoopState,
+                  paths: StagePaths, t_start: float) -> dict[str, Any]:
+  """Tests and saves the stage's output, then writes its record (the stage is finished)."""
+  state = loop.train
+  params, batch_stats, chosen, val = _output(stage, loop)
+  test = ctx.evaluate(model, params, batch_stats, "test", ctx.key("test", stage.name))
+  # Reuses or replaces what a run stopped before the marker left behind (crash-consistent).
+  checkpoint.save_output(paths.output, {"params": params, "batch_stats": batch_stats})
+  record = {"natural_accuracy": test["natural_accuracy"],
+            "adversarial_accuracy": test["adversarial_accuracy"], "test_examples": test["count"],
+            "selected": chosen, "epochs": stage.num_epochs(ctx.config), "steps": int(state.step),
+            "model": {"name": ctx.config.model.name, "width": model.width},
+            "wall_time_s": round(float(loop.elapsed), 2),
+            "total_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+            **reports.accuracy_fields("val", val)}
+  if stage.start_label is not None:
+    record.update(reports.accuracy_fields(f"{stage.start_label}_val",
+                                          jax.device_get(loop.start_val)))
+    record.update(reports.accuracy_fields(f"{stage.start_label}_test",
+                                          jax.device_get(loop.start_test)))
+  admm_state = transforms.find_admm_state(state.opt_state)
+  if admm_state is not None:
+    record["admm"] = reports.admm_diagnostics(admm_state, state.params, ctx.spec)
+    _log_if_not_converged(stage.name, record["admm"])
+  if stage.sparse:
+    record["sparsity"] = sparsity.report(jax.device_get(params), ctx.spec).to_dict()
+  record["warnings"] = _chance_warnings(ctx, stage.name, val, test)
+  for warning in record["warnings"]:
+    logging.warning(warning)
+  if ctx.is_writer:
+    write_json_atomic(paths.done, record)
+  parallel.sync(f"{stage.name} finished")  # the next stage's load_output reads paths.done
+  logging.info("%s finished: test natural %.4f adversarial %.4f (%s, %d examples) in %s",
+               stage.name, record["natural_accuracy"], record["adversarial_accuracy"], chosen,
+               test["count"], reports.format_duration(time.time() - t_start))
+  return record
+
+
+def _log_if_not_converged(stage: str, diagnostics: dict[str, Any]) -> None:
+  if diagnostics["converged"]:
+    return
+  layer, value = max(diagnostics["relative_primal_residual"].items(), key=lambda kv: kv[1])
+  # Info, not a warning: at short budgets W keeps many small pruned weights whose norm
+  # dominates ||W - Z|| while hard pruning costs little; the retrain stage's
+  # after_hard_prune accuracy is the functional check.
+  logging.info("%s: ADMM has not converged (||W-Z||/||W|| = %.3f at %s, threshold %.2f): "
+               "if hard pruning costs much accuracy, raise admm.rho or admm.rho_growth, or "
+               "update Z/U more often (admm.update_every_epochs).", stage, value, layer,
+               reports.CONVERGED_RESIDUAL)
+
+
+# ------------------------------------------------------------------------------ the run
+
+def make_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
+  """Validates `config`, prepares the workdir, loads the data: everything before the stages."""
+  configlib.validate(config)
+  workdir = prepare_workdir(workdir)
+  runtime = parallel.make_runtime(config.parallel.data_axis)
+  runtime.check_batch(config.batch_size)
+  runtime.check_batch(config.eval_batch_size, "eval_batch_size")
+  dataset = data.load_dataset(config.data.name, config.data.dir, config.data.validation_size,
+                              config.seed, limit_train=config.data.limit_train,
+                              limit_test=config.data.limit_test,
+                              tfds_data_dir=config.data.tfds_dir or None)
+  if len(dataset.train) < config.batch_size:
+    raise configlib.ConfigError(f"config.batch_size={config.batch_size} is larger than the "
+                                f"{len(dataset.train)} training examples: lower it.")
+  ctx = Context(config, workdir, runtime, dataset)
+  if ctx.spec is not None:  # check the patterns against the model's params before any work
+    model = ctx.model(config.model.width)
+    shapes = jax.eval_shape(lambda: ctx.fresh_variables(model, "check"))
+    try:
+      sparsity.resolve(shapes["params"], ctx.spec)
+    except ValueError as e:
+      raise configlib.ConfigError(f"config.sparsity: {e}") from None
+  logging.info("workdir %s | %s: %d train, %d validation, %d test | %d %s device(s)",
+               workdir, dataset.name, len(dataset.train), len(dataset.validation),
+               len(dataset.test), runtime.num_devices, jax.default_backend())
+  return ctx
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the configured stages in `workdir` and returns (and writes) the report.
+
+  One run per workdir (a lock); SIGTERM/SIGINT checkpoint and stop at the next step; a full
+  disk is one sentence (reliability.RunStopped and its exit code).
+  """
+  configlib.validate(config)  # a bad config touches nothing, not even the lock
+  workdir, stops = prepare_workdir(workdir), reliability.StopRequests(config.log_every_steps)
+  with (reliability.workdir_lock(workdir), stops.installed(),
+        reliability.disk_errors(f"writing to the workdir {workdir}")):
+    ctx = make_context(config, workdir)
+    ctx.stops, records = stops, {}
+    try:
+      for name in configlib.stages(config):
+        records[name] = run_stage(ctx, name)
+        if config.eval.final_attack:  # AutoAttack-grade evaluation of the stage's output
+          from admm_jax import evaluate  # pylint: disable=import-outside-toplevel
+          records[name] = {**records[name], **evaluate.final_evaluation(ctx, name)}
+        report = reports.run_report(config, ctx.dataset, ctx.runtime.describe(), records)
+        if ctx.is_writer:
+          write_json_atomic(os.path.join(workdir, "report.json"), report)
+    finally:
+      ctx.metrics.close()
+  return report
