@@ -336,7 +336,7 @@ def evaluation_of(report: dict[str, Any], robust: dict[str, Any] | None = None
 
   `robust`, the admm_jax.evaluate record of that stage (robust_evaluation), is the
   adversarial accuracy when given; without it, the PGD numbers the run wrote into its
-  report.json (`attack.eval_steps` steps, random start). Natural accuracy and the PGD
+  report.json (report.json's "attack": the test attack). Natural accuracy and the PGD
   accuracy (`pgd_accuracy`) always come from the report: the whole test split.
   """
   stage = list(report["stages"])[-1]
@@ -344,9 +344,8 @@ def evaluation_of(report: dict[str, Any], robust: dict[str, Any] | None = None
   sparse = report.get("sparsity", {})
   total = sparse.get("total_params", rec["total_params"])
   nonzero = sparse.get("nonzero_params", total)
-  pgd = (f"PGD-{attack.get('eval_steps', attack['steps'])} (Linf eps {attack['eps']:g}, step "
-         f"{attack.get('eval_step_size', attack['step_size']):g}, random start) on "
-         f"{rec['test_examples']} test examples")
+  pgd = (f"PGD-{attack['steps']} (Linf eps {attack['eps']:g}, step {attack['step_size']:g}, "
+         f"random start) on {rec['test_examples']} test examples")
   result = {"stage": stage, "natural_accuracy": rec["natural_accuracy"],
             "adversarial_accuracy": rec["adversarial_accuracy"], "evaluation": pgd,
             "pgd_accuracy": rec["adversarial_accuracy"], "pgd_evaluation": pgd,
