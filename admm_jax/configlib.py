@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 import ml_collections
 
@@ -161,6 +162,19 @@ def parse_sparsity(text: str) -> dict[str, tuple[str, float | None]]:
       raise ConfigError(f"sparsity entry {item!r}: ratio {ratio!r} is not a number "
                         "(write kind:ratio, e.g. irregular:0.9).") from None
   return out
+
+
+def override(config: ml_collections.ConfigDict, fields: dict[str, Any]
+             ) -> ml_collections.ConfigDict:
+  """Sets dotted fields ({"data.limit_train": 1000}) on `config`, as --config.* flags do;
+  returns it."""
+  for field, value in fields.items():
+    *parents, leaf = field.split(".")
+    target = config
+    for part in parents:
+      target = target[part]
+    target[leaf] = value
+  return config
 
 
 def stages(config: ml_collections.ConfigDict) -> list[str]:

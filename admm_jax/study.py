@@ -312,14 +312,8 @@ def cell_config(study: ml_collections.ConfigDict, cell: Cell, workdir: str
   """The study's run config with the cell's seed and overrides (validated)."""
   config = ml_collections.ConfigDict(study.run.to_dict())
   config.seed = cell.seed
-  for field, value in cell.overrides.items():
-    if field == "init_from":
-      value = os.path.join(workdir, "cells", value)
-    target = config
-    *parents, leaf = field.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+  configlib.override(config, {f: os.path.join(workdir, "cells", v) if f == "init_from" else v
+                              for f, v in cell.overrides.items()})
   try:
     configlib.validate(config)
   except configlib.ConfigError as e:

@@ -8,7 +8,6 @@ chance-level stage, a full disk.
 """
 import contextlib
 import errno
-import importlib.util
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from admm_jax import checkpoint, main, reliability, reports, train, trainer
+from admm_jax import checkpoint, configlib, main, reliability, reports, study, train, trainer
 from tree_digest import tree_digest
 
 pytestmark = pytest.mark.slow  # end to end: run by .ci/run after the default command
@@ -49,18 +48,7 @@ if not os.path.isdir(FMNIST):
 
 
 def _config(**extra):
-  spec = importlib.util.spec_from_file_location("fmnist_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
-  for field, value in {**OVERRIDES, **extra}.items():
-    *parents, name = field.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[name] = value
-  return config
-
+  return configlib.override(study.load_config(CONFIG, "tiny"), {**OVERRIDES, **extra})
 
 def _run(workdir, **extra):
   return trainer.train_and_evaluate(_config(**extra), str(workdir))

@@ -5,7 +5,6 @@ The tests share one finished run, made in this process on one of conftest's 8 ho
 subprocesses only where the process itself is the point: the SIGKILLed run and the command
 line's exit code 2.
 """
-import importlib.util
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 
-from admm_jax import configlib, main, models, reports, sparsity, stages, trainer
+from admm_jax import configlib, main, models, reports, sparsity, stages, study, trainer
 from tree_digest import tree_digest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,17 +41,7 @@ if not os.path.isdir(FMNIST):
 def tiny_config(**fields):
   """The config the command line builds from _cli's flags, with `fields` ("a.b": value) set on
   top."""
-  spec = importlib.util.spec_from_file_location("fmnist_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
-  for key, value in {**OVERRIDES, **fields}.items():
-    *parents, leaf = key.split(".")
-    target = config
-    for part in parents:
-      target = target[part]
-    target[leaf] = value
-  return config
+  return configlib.override(study.load_config(CONFIG, "tiny"), {**OVERRIDES, **fields})
 
 
 def _cli(workdir, *extra):
