@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -539,6 +539,60 @@ def _dense_bytes(variables: dict, tmp: str) -> int:
   return size
 
 
+class _Compacted(NamedTuple):
+  config: Any            # the run's config (ml_collections.ConfigDict)
+  dataset: Any           # data.Dataset: its test split and image shape
+  model: Any             # the flax model
+  variables: dict        # the stage's output
+  masked: dict           # the same with pruned weights exactly 0
+  graph: Graph           # the compact network
+  params: Params
+
+
+def _compact_stage(workdir: str, stage: str, report: dict) -> _Compacted:
+  """Steps 1 and 2 of an export: the stage's output, masked and compacted (writes nothing)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from admm_jax import configlib, data, models  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(report["config"])
+  logging.info("export 1/6: loading %s's output and the %s test split", stage, config.data.name)
+  dataset = data.load_dataset(config.data.name, config.data.dir, config.data.validation_size,
+                              config.seed, limit_train=config.data.limit_train,
+                              limit_test=config.data.limit_test,
+                              tfds_data_dir=config.data.tfds_dir or None)
+  model = models.get_model(config.model.name, config.model.width, dataset.num_classes)
+  variables = _load_variables(workdir, stage, model, dataset.image_shape)
+  the_spec = sparsity.spec(configlib.parse_sparsity(config.sparsity))
+  logging.info("export 2/6: compacting %s(w=%d) pruned by %s", config.model.name,
+               config.model.width, config.sparsity)
+  masks = spec_masks(variables["params"], the_spec)
+  masked = dict(variables, params=apply_masks(variables["params"], masks))
+  kinds = {k: r.kind for k, r in sparsity.resolve(variables["params"], the_spec).items()}
+  g, params = compact(model, masked, masks, dataset.image_shape, kinds=kinds)
+  return _Compacted(config, dataset, model, variables, masked, g, params)
+
+
+def measure_compaction(workdir: str, stage: str = "retrain", batch: int = 256,
+                       repeats: int = 5) -> dict[str, Any]:
+  """What compaction buys a run's stage, without writing an export: parameters and FLOPs per
+  example dense vs compact, and the median latency of one batch of `batch` random images,
+  the masked flax model vs the compact network (both jitted, weights as constants, on
+  jax's default device). The study's speed-up row; raises ExportError as export_workdir."""
+  workdir = os.path.abspath(workdir)
+  report, _ = _read_stage(workdir, stage)
+  c = _compact_stage(workdir, stage, report)
+  x = jax.random.uniform(jax.random.key(batch), (batch,) + tuple(c.dataset.image_shape))
+  dense_graph, dense_params = graph_lib.from_model(c.model, c.masked, c.dataset.image_shape)
+  dense_fn = jax.jit(lambda x: c.model.apply(c.masked, x, train=False))
+  compact_fn = jax.jit(lambda x: c.graph.apply(c.params, x))
+  return {"stage": stage, "batch": batch, "device": str(jax.devices()[0].device_kind),
+          "params": {"dense": int(sum(np.size(v) for v in jax.tree.leaves(c.variables))),
+                     "compact": num_params(c.params)},
+          "flops_per_example": {"dense": flops_per_example(dense_graph, dense_params),
+                                "compact": flops_per_example(c.graph, c.params)},
+          "latency_s": {"dense_masked": _median_latency(dense_fn, x, repeats),
+                        "compact": _median_latency(compact_fn, x, repeats)}}
+
+
 def export_workdir(workdir: str, out: str, stage: str = "retrain",
                    latency_batches: tuple[int, ...] = (1, 256), repeats: int = 5) -> dict:
   """Compacts a run's stage output, writes the export to `out` and returns export.json.
@@ -547,30 +601,15 @@ def export_workdir(workdir: str, out: str, stage: str = "retrain",
   a half-written export. Raises ExportError (and the data/config/checkpoint errors) on bad
   input, before anything is written to `out`.
   """
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from admm_jax import configlib, data, models  # pylint: disable=import-outside-toplevel
+  from admm_jax import data  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(workdir)
   report, record = _read_stage(workdir, stage)
-  config = ml_collections.ConfigDict(report["config"])
   out, tmp = _temp_out(out)
   try:
     t0 = time.time()
-    logging.info("export 1/6: loading %s's output and the %s test split", stage,
-                 config.data.name)
-    dataset = data.load_dataset(config.data.name, config.data.dir, config.data.validation_size,
-                                config.seed, limit_train=config.data.limit_train,
-                                limit_test=config.data.limit_test,
-                                tfds_data_dir=config.data.tfds_dir or None)
-    model = models.get_model(config.model.name, config.model.width, dataset.num_classes)
-    variables = _load_variables(workdir, stage, model, dataset.image_shape)
-    the_spec = sparsity.spec(configlib.parse_sparsity(config.sparsity))
-
-    logging.info("export 2/6: compacting %s(w=%d) pruned by %s", config.model.name,
-                 config.model.width, config.sparsity)
-    masks = spec_masks(variables["params"], the_spec)
-    masked = dict(variables, params=apply_masks(variables["params"], masks))
-    kinds = {k: r.kind for k, r in sparsity.resolve(variables["params"], the_spec).items()}
-    g, params = compact(model, masked, masks, dataset.image_shape, kinds=kinds)
+    c = _compact_stage(workdir, stage, report)
+    config, dataset, model, variables, masked, g, params = (
+        c.config, c.dataset, c.model, c.variables, c.masked, c.graph, c.params)
     dense_graph, dense_params = graph_lib.from_model(model, masked, dataset.image_shape)
 
     logging.info("export 3/6: writing params.npz, graph.json and %s", ARTIFACT)

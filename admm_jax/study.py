@@ -105,6 +105,9 @@ def study_config(run: ml_collections.ConfigDict, **fields: Any) -> ml_collection
       # the first robust_eval_limit test examples (0 = all); '' = the run's own PGD numbers.
       robust_eval="apgd-ce,apgd-t",
       robust_eval_limit=500,
+      # Scheme cells: parameters, FLOPs and batch-256 latency of the compacted network
+      # (admm_jax.export.measure_compaction) against the masked dense one.
+      measure_compaction=True,
   ))
   study.update(fields)
   study.run = run
@@ -385,12 +388,30 @@ def _finished_report(cell_dir: str, config: ml_collections.ConfigDict) -> dict |
   return report if list(report["stages"]) == configlib.stages(config) else None
 
 
+def compaction_of(study: ml_collections.ConfigDict, cell: Cell, cell_dir: str
+                  ) -> dict[str, Any] | None:
+  """export.measure_compaction of a scheme cell's output (None for other cells or when off),
+  kept in the cell's compaction.json so that a rerun reads it back."""
+  if cell.kind != "schemes" or not study.measure_compaction:
+    return None
+  path = os.path.join(cell_dir, "compaction.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  from admm_jax import export
+  from admm_jax.workdir import write_json_atomic
+  result = export.measure_compaction(cell_dir)
+  write_json_atomic(path, result)
+  return result
+
+
 def _record(cell: Cell, status: str, report: dict | None = None, error: str | None = None,
-            robust: dict | None = None) -> dict[str, Any]:
+            robust: dict | None = None, compaction: dict | None = None) -> dict[str, Any]:
   return {"name": cell.name, "kind": cell.kind, "seed": cell.seed, **cell.labels,
           "overrides": cell.overrides, "status": status, "error": error,
           "report": f"cells/{cell.name}/report.json",
-          "results": evaluation_of(report, robust) if report else None}
+          "results": evaluation_of(report, robust) if report else None,
+          "compaction": compaction}
 
 
 def _run_cell(study: ml_collections.ConfigDict, cell: Cell, workdir: str,
@@ -420,10 +441,11 @@ def _run_cell(study: ml_collections.ConfigDict, cell: Cell, workdir: str,
       plot.plot_run(cell_dir)
   try:
     robust = robust_evaluation(study, cell_dir, report)
+    compaction = compaction_of(study, cell, cell_dir)
   except Exception as e:  # the training stays; a rerun evaluates again
     logging.error("study: evaluating %s failed: %s\n%s", cell.name, e, traceback.format_exc())
     return _record(cell, "failed", error=f"evaluation: {type(e).__name__}: {e}")
-  return _record(cell, "finished", report, robust=robust)
+  return _record(cell, "finished", report, robust=robust, compaction=compaction)
 
 
 def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

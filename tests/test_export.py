@@ -318,6 +318,17 @@ def test_cli_export_writes_artifact_params_and_measures(exported_run):
   assert "natural" in export.summary_line(summary)
 
 
+def test_measure_compaction_agrees_with_the_export_and_writes_nothing(workdir, exported_run):
+  _, summary = exported_run
+  before = sorted(os.listdir(workdir))
+  m = export.measure_compaction(workdir, batch=4, repeats=1)
+  assert sorted(os.listdir(workdir)) == before
+  assert m["params"] == {k: summary["params"][k] for k in ("dense", "compact")}
+  assert m["flops_per_example"] == {k: summary["flops_per_example"][k]
+                                    for k in ("dense", "compact")}
+  assert m["batch"] == 4 and all(t > 0 for t in m["latency_s"].values())
+
+
 def test_artifact_runs_in_a_process_without_admm_jax(exported_run, tmp_path):
   out, _ = exported_run
   g, params = export.load_params(out)

@@ -374,6 +374,26 @@ def test_scheme_table_and_plot(tmp_path):
     assert f.read(4) == b"\x89PNG"
 
 
+def test_speedup_rows_compare_structured_schemes_with_irregular():
+  def cell(scheme, ratio, seed, compact_s):
+    c = _made_up("schemes", seed, 0.5, width=4, scheme=scheme, ratio=ratio)
+    c["compaction"] = {"device": "cpu", "batch": 256, "latency_s": {"dense_masked": 1.0,
+                                                                   "compact": compact_s},
+                       "flops_per_example": {"dense": 100, "compact": 10}}
+    return c
+  times = {0.5: {"irregular": (1.0, 0.9), "column": (0.5, 0.45), "filter": (0.25, 0.3)},
+           0.9: {"irregular": (0.5, 0.5), "column": (0.25, 0.3), "filter": (1.0, 0.9)}}
+  cells = [cell(k, r, seed, t[seed]) for r, by in times.items() for k, t in by.items()
+           for seed in (0, 1)]
+  rows = study_report.speedup_rows(cells)
+  assert [r[2] for r in rows] == ["yes", "no"]
+  irregular = statistics.mean([1 / 1.0, 1 / 0.9])
+  assert rows[0][1].startswith(f"irregular {irregular:.2f}x ± "
+                               f"{statistics.stdev([1 / 1.0, 1 / 0.9]):.2f} (FLOPs 10.0x fewer)")
+  assert "latency, batch 256, cpu" in rows[0][0]
+  assert study_report.speedup_rows(cells[:0])[0][2] == "not measured"
+
+
 def test_mean_and_spread_over_seeds():
   values = [0.61, 0.645, 0.7]
   stat = study_report.Stat.of(values)
