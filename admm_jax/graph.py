@@ -22,7 +22,8 @@ A conv or dense node holds its weight in one of three storages (attr "storage"):
 Further optional params: "bias"; "ones_kernel" (kh, kw, cout), the contribution of input
 channels that are constant (removed upstream), computed as this kernel over a map of ones
 (exact at the zero-padded borders); a conv's attr "rows" lists the kept (dy, dx, c)
-patch columns: they are gathered and multiplied by a (rows, cout) matrix.
+patch columns: they are gathered and multiplied by a (rows, cout) matrix, or with attr
+"gather" False put back into a full kernel (zeros elsewhere) for a plain convolution.
 """
 from __future__ import annotations
 
@@ -159,6 +160,10 @@ def _conv(n: Node, p: dict[str, Any], x: jax.Array) -> jax.Array:
   s = n.attr("strides", 1)
   w = weight(n, p)
   rows = n.attr("rows")
+  if rows is not None and not n.attr("gather", True):  # stored gathered, run as a plain conv
+    (kh, kw), cin = n.attr("kernel"), x.shape[-1]
+    w = jnp.zeros((kh * kw * cin, w.shape[-1]), w.dtype).at[np.asarray(rows)].set(w)
+    w, rows = w.reshape(kh, kw, cin, -1), None
   if rows is None:
     y = lax.conv_general_dilated(x, w, (s, s), "SAME", dimension_numbers=_DIMS)
   else:
