@@ -1,4 +1,4 @@
-"""The paper's four findings on Fashion-MNIST LeNet, offline: about 60 minutes on 2 CPU cores.
+"""The paper's four findings on Fashion-MNIST LeNet, offline: about an hour on 2 CPU cores.
 
 Run:   python -m admm_jax.study --config=configs/study_fashion_mnist.py --workdir=runs/study
 Quick: python -m admm_jax.study --config=configs/study_fashion_mnist.py:quick \
