@@ -375,8 +375,11 @@ def robust_evaluation(study: ml_collections.ConfigDict, cell_dir: str, report: d
       saved = json.load(f)
     if saved.get("examples") == examples and saved.get("eps") == report["attack"]["eps"]:
       return saved
+  import jax
+  devices = jax.device_count()  # a batch no larger than the examples: padding costs as much
+  batch = min(study.run.eval_batch_size, -(-examples // devices) * devices)
   return evaluate.evaluate_workdir(cell_dir, stage, attack=study.robust_eval,
-                                   limit=study.robust_eval_limit, sanity=False)
+                                   limit=study.robust_eval_limit, batch_size=batch, sanity=False)
 
 
 def _finished_report(cell_dir: str, config: ml_collections.ConfigDict) -> dict | None:
