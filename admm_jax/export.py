@@ -559,6 +559,20 @@ class _Compacted(NamedTuple):
   masked: dict           # the same with pruned weights exactly 0
   graph: Graph           # the compact network
   params: Params
+  dense_graph: Graph     # the masked model as a graph: its FLOPs, its artifact's size
+  dense_params: Params
+
+  def masked_apply(self, x: jax.Array) -> jax.Array:
+    return self.model.apply(self.masked, x, train=False)
+
+  def counts(self) -> dict[str, dict[str, int]]:
+    """Parameters (every variable of the dense model) and FLOPs per example, dense vs
+    compact."""
+    return {"params": {"dense": int(sum(np.size(v) for v in jax.tree.leaves(self.variables))),
+                       "compact": num_params(self.params)},
+            "flops_per_example": {
+                "dense": flops_per_example(self.dense_graph, self.dense_params),
+                "compact": flops_per_example(self.graph, self.params)}}
 
 
 def _compact_stage(workdir: str, stage: str, report: dict) -> _Compacted:
@@ -580,7 +594,8 @@ def _compact_stage(workdir: str, stage: str, report: dict) -> _Compacted:
   masked = dict(variables, params=apply_masks(variables["params"], masks))
   kinds = {k: r.kind for k, r in sparsity.resolve(variables["params"], the_spec).items()}
   g, params = compact(model, masked, masks, dataset.image_shape, kinds=kinds)
-  return _Compacted(config, dataset, model, variables, masked, g, params)
+  return _Compacted(config, dataset, model, variables, masked, g, params,
+                    *graph_lib.from_model(model, masked, dataset.image_shape))
 
 
 def measure_compaction(workdir: str, stage: str = "retrain", batch: int = 256,
@@ -593,15 +608,10 @@ def measure_compaction(workdir: str, stage: str = "retrain", batch: int = 256,
   report, _ = _read_stage(workdir, stage)
   c = _compact_stage(workdir, stage, report)
   x = jax.random.uniform(jax.random.key(batch), (batch,) + tuple(c.dataset.image_shape))
-  dense_graph, dense_params = graph_lib.from_model(c.model, c.masked, c.dataset.image_shape)
-  dense_fn = jax.jit(lambda x: c.model.apply(c.masked, x, train=False))
   compact_fn = jax.jit(lambda x: c.graph.apply(c.params, x))
   return {"stage": stage, "batch": batch, "device": str(jax.devices()[0].device_kind),
-          "params": {"dense": int(sum(np.size(v) for v in jax.tree.leaves(c.variables))),
-                     "compact": num_params(c.params)},
-          "flops_per_example": {"dense": flops_per_example(dense_graph, dense_params),
-                                "compact": flops_per_example(c.graph, c.params)},
-          "latency_s": {"dense_masked": _median_latency(dense_fn, x, repeats),
+          **c.counts(),
+          "latency_s": {"dense_masked": _median_latency(jax.jit(c.masked_apply), x, repeats),
                         "compact": _median_latency(compact_fn, x, repeats)}}
 
 
@@ -620,9 +630,7 @@ def export_workdir(workdir: str, out: str, stage: str = "retrain",
   try:
     t0 = time.time()
     c = _compact_stage(workdir, stage, report)
-    config, dataset, model, variables, masked, g, params = (
-        c.config, c.dataset, c.model, c.variables, c.masked, c.graph, c.params)
-    dense_graph, dense_params = graph_lib.from_model(model, masked, dataset.image_shape)
+    config, dataset, variables, g, params = c.config, c.dataset, c.variables, c.graph, c.params
 
     logging.info("export 3/6: writing params.npz, graph.json and %s", ARTIFACT)
     save_params(tmp, g, params)
@@ -631,13 +639,12 @@ def export_workdir(workdir: str, out: str, stage: str = "retrain",
       f.write(compact_export.serialize())
     with open(os.path.join(tmp, ARTIFACT), "rb") as f:
       artifact = jax.export.deserialize(bytearray(f.read()))
-    dense_artifact_bytes = len(serialize(dense_graph, dense_params))
+    dense_artifact_bytes = len(serialize(c.dense_graph, c.dense_params))
 
     logging.info("export 4/6: natural and PGD-%d accuracy of the artifact on %d test examples",
                  config.attack.eval_steps, len(dataset.test))
-    masked_fn = lambda x: model.apply(masked, x, train=False)
     with_vjp = jax.export.deserialize(compact_export.serialize(vjp_order=1))
-    evaluation = _evaluate(with_vjp, masked_fn, dataset, config, stage)
+    evaluation = _evaluate(with_vjp, c.masked_apply, dataset, config, stage)
     # The file itself: same logits as the in-memory twin used for the attack.
     probe = next(iter(data.epoch_batches(dataset.test, min(64, len(dataset.test)), seed=0,
                                          epoch=0, shuffle=False)))["image"]
@@ -646,7 +653,7 @@ def export_workdir(workdir: str, out: str, stage: str = "retrain",
 
     logging.info("export 5/6: latency at batch %s, dense-masked vs compact (%s)",
                  "/".join(map(str, latency_batches)), jax.devices()[0].platform)
-    dense_fn, compact_fn = jax.jit(masked_fn), jax.jit(artifact.call)
+    dense_fn, compact_fn = jax.jit(c.masked_apply), jax.jit(artifact.call)
     latency = {}
     for b in latency_batches:
       x = jax.random.uniform(jax.random.key(b), (b,) + tuple(dataset.image_shape))
@@ -654,20 +661,20 @@ def export_workdir(workdir: str, out: str, stage: str = "retrain",
                                "compact_s": _median_latency(compact_fn, x, repeats)}
 
     logging.info("export 6/6: export.json")
-    dense_count = int(sum(np.size(v) for v in jax.tree.leaves(variables)))
+    counts = c.counts()
     summary = {
         "artifact": ARTIFACT, "params_file": "params.npz", "graph_file": "graph.json",
         "workdir": workdir, "stage": stage,
         "model": {"name": config.model.name, "width": config.model.width,
                   "input_shape": list(dataset.image_shape), "sparsity": config.sparsity},
-        "params": {"dense": dense_count, "dense_nonzero": record["sparsity"]["nonzero_params"],
-                   "compact": num_params(params)},
+        "params": {"dense": counts["params"]["dense"],
+                   "dense_nonzero": record["sparsity"]["nonzero_params"],
+                   "compact": counts["params"]["compact"]},
         "bytes": {"dense_params": _dense_bytes(variables, tmp),
                   "compact_params": os.path.getsize(os.path.join(tmp, "params.npz")),
                   "dense_artifact": dense_artifact_bytes,
                   "compact_artifact": os.path.getsize(os.path.join(tmp, ARTIFACT))},
-        "flops_per_example": {"dense": flops_per_example(dense_graph, dense_params),
-                              "compact": flops_per_example(g, params),
+        "flops_per_example": {**counts["flops_per_example"],
                               "compact_nonzero": flops_per_example(g, params, nonzero=True)},
         "latency": {"device": str(jax.devices()[0].device_kind),
                     "platform": jax.devices()[0].platform, "repeats": repeats,
