@@ -361,11 +361,10 @@ def flops_per_example(g: Graph, params: Params, nonzero: bool = False) -> int:
     positions = math.prod(shapes[n.name][:-1])
     if nonzero:
       total += positions * _nonzero_weights(n, q)
-    elif n.op == "conv" and n.attr("rows") is not None and not n.attr("gather", True):
-      (kh, kw), cin = n.attr("kernel"), shapes[n.inputs[0]][-1]
-      total += positions * kh * kw * cin * shapes[n.name][-1]  # the full kernel runs
-    else:
-      w = jax.eval_shape(lambda q=q, n=n: graph_lib.weight(n, q))
+    else:  # the weight as it runs: a conv may run its stored columns as a full kernel
+      cin = shapes[n.inputs[0]][-1]
+      w = jax.eval_shape(lambda q=q, n=n, cin=cin: graph_lib.conv_weight(n, q, cin)[0]
+                         if n.op == "conv" else graph_lib.weight(n, q))
       total += positions * math.prod(w.shape)
   return 2 * total
 

@@ -156,14 +156,20 @@ def _gathered_conv(x: jax.Array, w_rows: jax.Array, rows: tuple[int, ...],
   return jnp.concatenate(pieces, axis=-1) @ w_rows
 
 
+def conv_weight(n: Node, p: dict[str, Any], cin: int) -> tuple[jax.Array, tuple | None]:
+  """A conv's weight as it runs on `cin` input channels: (kernel (kh, kw, cin, cout), None)
+  for XLA's convolution, or ((rows, cout) matrix, rows) for the gathered one."""
+  w, rows = weight(n, p), n.attr("rows")
+  if rows is not None and not n.attr("gather", True):  # stored gathered, run as a plain conv
+    (kh, kw) = n.attr("kernel")
+    w = jnp.zeros((kh * kw * cin, w.shape[-1]), w.dtype).at[np.asarray(rows)].set(w)
+    return w.reshape(kh, kw, cin, -1), None
+  return w, rows
+
+
 def _conv(n: Node, p: dict[str, Any], x: jax.Array) -> jax.Array:
   s = n.attr("strides", 1)
-  w = weight(n, p)
-  rows = n.attr("rows")
-  if rows is not None and not n.attr("gather", True):  # stored gathered, run as a plain conv
-    (kh, kw), cin = n.attr("kernel"), x.shape[-1]
-    w = jnp.zeros((kh * kw * cin, w.shape[-1]), w.dtype).at[np.asarray(rows)].set(w)
-    w, rows = w.reshape(kh, kw, cin, -1), None
+  w, rows = conv_weight(n, p, x.shape[-1])
   if rows is None:
     y = lax.conv_general_dilated(x, w, (s, s), "SAME", dimension_numbers=_DIMS)
   else:
