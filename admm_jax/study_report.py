@@ -58,14 +58,17 @@ def verdict(a: Stat | None, b: Stat | None) -> str:
   return "no" if diff.mean < -diff.spread else "within noise"
 
 
-def _stats(cells: list[dict], kind: str, key: Callable[[dict], Any], field: str
-           ) -> dict[Any, Stat]:
-  """{group: Stat of results[field]} over the finished cells of `kind`, grouped by key(cell)."""
+def _stats(cells: list[dict], kind: str, key: Callable[[dict], Any],
+           field: str | Callable[[dict], float | None]) -> dict[Any, Stat]:
+  """{group: Stat of results[field] (or of field(cell))} over the finished cells of `kind`,
+  grouped by key(cell); groups without a value are left out."""
+  value = (lambda c: c["results"][field]) if isinstance(field, str) else field
   groups: dict[Any, list[float]] = {}
   for c in cells:
     if c["kind"] == kind and c["status"] == "finished":
-      groups.setdefault(key(c), []).append(c["results"][field])
-  return {k: Stat.of(v) for k, v in sorted(groups.items())}
+      groups.setdefault(key(c), []).append(value(c))
+  stats = {k: Stat.of(v) for k, v in sorted(groups.items())}
+  return {k: v for k, v in stats.items() if v is not None}
 
 
 def _text(stat: Stat | None) -> str:
@@ -162,23 +165,21 @@ def scheme_rows(cells: list[dict]) -> list[tuple[str, str, str]]:
   return rows + speedup_rows(cells)
 
 
-def _compaction_stats(cells: list[dict], value: Callable[[dict], float]
-                      ) -> dict[tuple[str, float], Stat]:
-  """{(scheme, ratio): Stat of value(cell["compaction"])} over the measured scheme cells."""
-  groups: dict[tuple[str, float], list[float]] = {}
-  for c in cells:
-    if c["kind"] == "schemes" and c["status"] == "finished" and c.get("compaction"):
-      groups.setdefault((c["scheme"], c["ratio"]), []).append(value(c["compaction"]))
-  return {k: Stat.of(v) for k, v in sorted(groups.items())}
+def _ratio(numerator: Callable[[dict], float], denominator: Callable[[dict], float]
+           ) -> Callable[[dict], float | None]:
+  """cell -> numerator / denominator of its compaction record (None when not measured)."""
+  return lambda c: (numerator(c["compaction"]) / denominator(c["compaction"])
+                    if c.get("compaction") else None)
 
 
 def speedup_rows(cells: list[dict]) -> list[tuple[str, str, str]]:
   """Finding 4's second half: the compacted network (admm_jax.export) runs faster than the
   masked dense one, more so for the structured schemes than for irregular pruning."""
-  speed = _compaction_stats(cells, lambda m: m["latency_s"]["dense_masked"]
-                            / m["latency_s"]["compact"])
-  flops = _compaction_stats(cells, lambda m: m["flops_per_example"]["dense"]
-                            / m["flops_per_example"]["compact"])
+  key = lambda c: (c["scheme"], c["ratio"])
+  speed = _stats(cells, "schemes", key, _ratio(lambda m: m["latency_s"]["dense_masked"],
+                                               lambda m: m["latency_s"]["compact"]))
+  flops = _stats(cells, "schemes", key, _ratio(lambda m: m["flops_per_example"]["dense"],
+                                               lambda m: m["flops_per_example"]["compact"]))
   if not speed:
     return [("structured pruning (column, filter) gives real speed-ups", "not measured "
              "(config.measure_compaction is off)", "not measured")]
