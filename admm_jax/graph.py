@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from admm_jax import models
 from admm_jax.models.layers import max_pool_2x2
 
 Params = dict[str, dict[str, Any]]
@@ -223,8 +224,9 @@ OPS = {
 
 # --------------------------------------------------------------------- from a model
 
-class _Builder:
-  """Appends nodes and collects their params from flax variables."""
+class Builder:
+  """Appends nodes and collects their params from flax variables; each model's
+  `build_graph(builder, model)` (admm_jax.models.REGISTRY) drives it."""
 
   def __init__(self, variables: dict[str, Any]):
     self.params = variables["params"]
@@ -267,8 +269,8 @@ class _Builder:
     return self.add(f"{op}_{len(self.nodes)}", op)
 
 
-def _start(model, variables, input_shape) -> _Builder:
-  b = _Builder(variables)
+def _start(model, variables, input_shape) -> Builder:
+  b = Builder(variables)
   b.nodes.append(node("input", "input"))
   if model.input_mean is not None or model.input_std is not None:
     c = input_shape[-1]
@@ -276,59 +278,6 @@ def _start(model, variables, input_shape) -> _Builder:
           {"mean": jnp.asarray(model.input_mean, jnp.float32).reshape(c),
            "std": jnp.asarray(model.input_std, jnp.float32).reshape(c)})
   return b
-
-
-def _lenet(b: _Builder, model) -> None:
-  del model
-  for name in ("conv1", "conv2"):
-    b.conv(name)
-    b.simple("relu_max_pool")
-  b.simple("flatten")
-  b.dense("fc1")
-  b.simple("relu")
-  b.dense("fc2")
-
-
-def _vgg16(b: _Builder, model) -> None:
-  from admm_jax.models.vgg import VGG16_CFG  # pylint: disable=import-outside-toplevel
-  i = 0
-  for c, next_c in zip(VGG16_CFG, VGG16_CFG[1:] + (None,)):
-    if c == "M":
-      b.simple("relu_max_pool")
-      continue
-    i += 1
-    b.conv(f"conv{i}")
-    b.batch_norm(f"bn{i}")
-    if next_c != "M":
-      b.simple("relu")
-  b.simple("flatten")
-  b.dense("fc")
-
-
-def _resnet18(b: _Builder, model) -> None:
-  from admm_jax.models import resnet  # pylint: disable=import-outside-toplevel
-  b.conv("conv1")
-  b.batch_norm("bn1")
-  b.simple("relu")
-  for stage, (_, first_stride) in enumerate(resnet._STAGES, start=1):
-    for i in range(resnet._BLOCKS_PER_STAGE):
-      block, s = f"layer{stage}_{i}", first_stride if i == 0 else 1
-      x = b.last
-      b.conv(f"{block}/conv1", s)
-      b.batch_norm(f"{block}/bn1")
-      b.simple("relu")
-      b.conv(f"{block}/conv2")
-      y = b.batch_norm(f"{block}/bn2")
-      if "shortcut_conv" in b.params[block]:
-        b.conv(f"{block}/shortcut_conv", s, inputs=(x,))
-        x = b.batch_norm(f"{block}/shortcut_bn")
-      b.add(f"{block}/add", "add", (y, x))
-      b.simple("relu")
-  b.simple("mean_pool")
-  b.dense("fc")
-
-
-_BUILDERS = {"LeNet": _lenet, "VGG16": _vgg16, "ResNet18": _resnet18}
 
 
 def from_model(model, variables: dict[str, Any], input_shape: tuple[int, int, int]
@@ -344,10 +293,11 @@ def from_model(model, variables: dict[str, Any], input_shape: tuple[int, int, in
   Returns:
     (graph, params) with `graph.apply(params, x) == model.apply(variables, x)` in eval mode.
   """
-  kind = type(model).__name__
-  if kind not in _BUILDERS:
-    raise ValueError(f"graph.from_model knows {sorted(_BUILDERS)}, not {kind}: build the "
+  entry = models.entry_of(model)
+  if entry is None:
+    raise ValueError(f"graph.from_model knows the models of admm_jax.models.REGISTRY "
+                     f"({', '.join(models.REGISTRY)}), not {type(model).__name__}: build the "
                      "graph by hand from admm_jax.graph nodes.")
   b = _start(model, variables, input_shape)
-  _BUILDERS[kind](b, model)
+  entry.build_graph(b, model)
   return Graph(tuple(b.nodes), tuple(input_shape)), b.out

@@ -10,10 +10,10 @@ memory kept for reuse); `--notune_malloc` (or any MALLOC_*_ variable) leaves mal
 """
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from admm_jax import cli
+from admm_jax.app import cli, parallel, reports, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -25,37 +25,21 @@ _TUNE_MALLOC = flags.DEFINE_bool(
     "memory kept); --notune_malloc leaves malloc alone.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def main() -> None:
   config = _CONFIG.value
-  cli.setup_logging()
-  from admm_jax import parallel
-  try:
-    if config.parallel.distributed:  # before any other jax call
-      parallel.initialize_distributed(config.parallel.coordinator_address,
-                                      config.parallel.num_processes, config.parallel.process_id)
-    if _TUNE_MALLOC.value:
-      cli.tune_malloc(config.model.conv_impl)
-    from admm_jax import trainer
-    report = trainer.train_and_evaluate(config, _WORKDIR.value)
-  except cli.user_errors() as e:
-    cli.fail(e)
-  except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was pending
-    cli.fail_interrupted_twice()
+  if config.parallel.distributed:  # before any other jax call
+    parallel.initialize_distributed(config.parallel.coordinator_address,
+                                    config.parallel.num_processes, config.parallel.process_id)
+  if _TUNE_MALLOC.value:
+    cli.tune_malloc(config.model.conv_impl)
+  report = trainer.train_and_evaluate(config, _WORKDIR.value)
   if parallel.is_writer():  # one summary, not one per host
-    from admm_jax import reports
     print(reports.summary(report))
     print(f"report: {os.path.join(os.path.abspath(_WORKDIR.value), 'report.json')}")
 
 
-_user_errors = cli.user_errors
-_parse_flags = cli.parse_flags
-
-
-def run():
-  flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=cli.parse_flags)
+def run() -> None:
+  cli.run(main, required=["config"])
 
 
 if __name__ == "__main__":

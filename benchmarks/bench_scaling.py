@@ -25,7 +25,8 @@ import optax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout's admm_jax, installed or not
 
-from admm_jax import models, parallel, sparsity, train, transforms  # noqa: E402
+from admm_jax import models, sparsity, transforms  # noqa: E402
+from admm_jax.app import parallel, train  # noqa: E402
 from admm_jax.kernels import malloc  # noqa: E402
 
 

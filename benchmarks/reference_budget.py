@@ -98,8 +98,8 @@ def run_cell(config, workdir: str) -> tuple[dict, float]:
   a cell finished over several interrupted runs adds up their times.
   """
   # pylint: disable=import-outside-toplevel
-  from admm_jax import trainer
-  from admm_jax.workdir import write_json_atomic
+  from admm_jax.app import trainer
+  from admm_jax.app.workdir import write_json_atomic
   path = os.path.join(workdir, "bench_wall_time.json")
   spent = 0.0
   if os.path.exists(path):

@@ -7,7 +7,7 @@ Variants: :filter (default), :column, :irregular -- 0.9375 of every one of the 2
 """
 import ml_collections
 
-from admm_jax import configlib
+from admm_jax.app import configlib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ held-out validation split, not the test set.
 """
 import ml_collections
 
-from admm_jax import configlib
+from admm_jax.app import configlib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

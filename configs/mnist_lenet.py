@@ -17,7 +17,7 @@ exactly the asked number of groups (the reference's percentile removes more on t
 """
 import ml_collections
 
-from admm_jax import configlib
+from admm_jax.app import configlib
 
 SPARSITY = {
     # (ref) conv1 0.8, conv2 0.947, fc1 0.99, fc2 0.93

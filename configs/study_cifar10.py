@@ -13,7 +13,7 @@ on the first 1,000 test examples of each cell. Not run here.
 """
 import ml_collections
 
-from admm_jax import configlib, study
+from admm_jax.app import configlib, study
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -13,7 +13,7 @@ import os
 
 import ml_collections
 
-from admm_jax import study
+from admm_jax.app import study
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -46,12 +46,13 @@ def main() -> int:
   args = ap.parse_args()
 
   import jax
-  from admm_jax import parallel
+  from admm_jax.app import parallel
   if args.num_processes > 1:  # before any other jax call
     parallel.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes,
                                     args.process_id, timeout_s=60)
   import optax
-  from admm_jax import checkpoint, data, models, sparsity, train, transforms
+  from admm_jax import models, sparsity, transforms
+  from admm_jax.app import checkpoint, data, train
 
   rt = parallel.make_runtime(0)
   model = models.get_model("lenet", 1, conv_impl="auto")  # the CLI's CPU kernels
@@ -87,7 +88,7 @@ def main() -> int:
 
   # Stopping together: process 0 alone holds the workdir lock; a Ctrl-C on the last process
   # stops every process at the same agreed step boundary (every 3 steps here).
-  from admm_jax import reliability
+  from admm_jax.app import reliability
   lock_dir = os.path.join(args.out, f"workdir_{args.num_processes}")
   os.makedirs(lock_dir, exist_ok=True)
   with reliability.workdir_lock(lock_dir):

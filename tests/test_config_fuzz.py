@@ -15,7 +15,8 @@ import ml_collections
 import pytest
 from absl import flags
 
-from admm_jax import configlib, data, main
+from admm_jax import main  # noqa: F401  (defines the --config flag the parser reads)
+from admm_jax.app import cli, configlib, data
 from test_configs import CASES, _load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,7 +145,7 @@ def test_the_flag_parser_refuses_wrong_types_in_one_sentence(flag, monkeypatch, 
   monkeypatch.setattr(sys, "argv", argv)
   try:
     with pytest.raises(SystemExit) as e:
-      main._parse_flags(argv)
+      cli.parse_flags(argv)
   finally:
     flags.FLAGS.unparse_flags()
   errors = [x for x in capsys.readouterr().err.splitlines() if x.strip()]

@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from admm_jax import configlib, models, sparsity
+from admm_jax import models, sparsity
+from admm_jax.app import configlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [("fashion_mnist_lenet", None), ("fashion_mnist_lenet", "tiny"),
@@ -50,7 +51,7 @@ def test_parse_sparsity_forms():
 
 
 def test_warmup_ramps_the_stage_schedule_linearly_then_leaves_it_alone():
-  from admm_jax import stages
+  from admm_jax.app import stages
   stage = configlib.base_config().retrain
   stage.update(lr=0.1, schedule="cosine", epochs=2, warmup_epochs=0.5)
   sched = stages.lr_schedule(stage, steps_per_epoch=10)

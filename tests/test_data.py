@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from admm_jax import data
+from admm_jax.app import data
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 IN_CI = os.environ.get("CI") == "true"

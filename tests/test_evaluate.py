@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from admm_jax import attacks, configlib, evaluate, reports, train, trainer
+from admm_jax import attacks
+from admm_jax.app import configlib, evaluate, reports, train, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_lenet.py")

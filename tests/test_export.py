@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from admm_jax import checkpoint, configlib, data, export, models, sparsity
+from admm_jax import compaction, graph, models, sparsity
+from admm_jax.app import checkpoint, configlib, data, export
 from model_variables import abstract_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +67,7 @@ def _masked(model, shape, rules, seed=0):
     for k in keys[:-1]:
       node = node[k]
     node[keys[-1]] = _group_mask(flat[path][1].shape, kind, ratio, rng)
-  variables = dict(variables, params=export.apply_masks(variables["params"], masks))
+  variables = dict(variables, params=compaction.apply_masks(variables["params"], masks))
   return variables, masks, {p: k for p, (k, _) in rules.items()}
 
 
@@ -161,10 +162,10 @@ def test_lenet_compact_equals_masked_model_with_the_kept_groups(scheme, lenet_in
         assert k.any(axis=(0, 1, 3)).all()
     if masks["fc1"]["kernel"] is not None:
       assert np.asarray(masks["fc1"]["kernel"]).reshape(7, 7, 8, -1).any(axis=(0, 1, 3)).all()
-  g, params = export.compact(LENET, variables, masks, (28, 28, 1), kinds=kinds)
+  g, params = compaction.compact(LENET, variables, masks, (28, 28, 1), kinds=kinds)
   diff, scale = _max_diff(LENET, variables, g, params, lenet_inputs)
   assert diff <= TOL and scale > 0.1
-  assert export.num_params(params) == _lenet_expected_params(masks, rules)
+  assert compaction.num_params(params) == _lenet_expected_params(masks, rules)
   storage = {n.name: n.attr("storage") for n in g.nodes if n.op in ("conv", "dense")}
   want = {"irregular": "sparse", "n:m": "n:m"}.get(scheme, "dense")
   assert storage["conv2"] == storage["fc1"] == want and storage["fc2"] == "dense"
@@ -173,10 +174,10 @@ def test_lenet_compact_equals_masked_model_with_the_kept_groups(scheme, lenet_in
     assert all(n.attr("rows") for n in g.nodes if n.name in ("conv1", "conv2", "fc1"))
     gathers = {n.name: n.attr("gather", True) for n in g.nodes if n.op == "conv"}
     assert gathers == {"conv1": False, "conv2": True}
-  dense_flops = export.flops_per_example(
-      *export.graph_lib.from_model(LENET, variables, (28, 28, 1)))
-  executed = export.flops_per_example(g, params)
-  assert export.flops_per_example(g, params, nonzero=True) < dense_flops
+  dense_flops = compaction.flops_per_example(
+      *graph.from_model(LENET, variables, (28, 28, 1)))
+  executed = compaction.flops_per_example(g, params)
+  assert compaction.flops_per_example(g, params, nonzero=True) < dense_flops
   # N:M runs densified (CPUs have no N:M units): it saves storage, not executed FLOPs; so do
   # irregular kernels, except for the input features a dense layer no longer reads.
   assert executed == dense_flops if scheme == "n:m" else executed < dense_flops if scheme in (
@@ -189,9 +190,9 @@ def test_compact_from_a_spec_folds_constant_channels(lenet_inputs):
   variables = _variables(LENET, (28, 28, 1), seed=3)
   variables["params"]["conv1"]["bias"] = np.abs(variables["params"]["conv1"]["bias"]) + 0.1
   the_spec = {"conv1/kernel": ("filter", 0.5), "conv2/kernel": ("filter", 0.5)}
-  pruned = export.apply_masks(variables["params"],
-                              export.spec_masks(variables["params"], sparsity.spec(the_spec)))
-  g, params = export.compact(LENET, variables, the_spec)
+  pruned = compaction.apply_masks(variables["params"],
+                              compaction.spec_masks(variables["params"], sparsity.spec(the_spec)))
+  g, params = compaction.compact(LENET, variables, the_spec)
   diff, _ = _max_diff(LENET, dict(variables, params=pruned), g, params, lenet_inputs)
   assert diff <= TOL
   assert params["conv2"]["kernel"].shape == (5, 5, 2, 4)
@@ -213,9 +214,9 @@ def test_vgg16_filter_pruning_keeps_exactly_the_kept_filters():
     variables["batch_stats"][f"bn{i}"]["mean"] = np.where(
         keep, variables["batch_stats"][f"bn{i}"]["mean"], 0.0)
     kept.append(int(keep.sum()))
-  _, params = export.compact(model, variables, masks, (32, 32, 3), kinds=kinds)
+  _, params = compaction.compact(model, variables, masks, (32, 32, 3), kinds=kinds)
   expected = sum(9 * a * b + 4 * b for a, b in zip(kept, kept[1:])) + kept[-1] * 10 + 10
-  assert export.num_params(params) == expected
+  assert compaction.num_params(params) == expected
 
 
 def test_vgg16_mixed_schemes_and_dense_layers_compute_the_masked_function():
@@ -225,7 +226,7 @@ def test_vgg16_mixed_schemes_and_dense_layers_compute_the_masked_function():
            "conv6/kernel": ("filter", 0.5), "conv7/kernel": ("column", 0.7),
            "conv11/kernel": ("filter", 0.75), "fc/kernel": ("irregular", 0.5)}
   variables, masks, kinds = _masked(model, (32, 32, 3), rules, seed=5)
-  g, params = export.compact(model, variables, masks, (32, 32, 3), kinds=kinds)
+  g, params = compaction.compact(model, variables, masks, (32, 32, 3), kinds=kinds)
   x = np.random.default_rng(1).random((8, 32, 32, 3), np.float32)
   diff, scale = _max_diff(model, variables, g, params, x)
   assert diff <= TOL and scale > 0.1
@@ -246,7 +247,7 @@ def test_resnet18_branches_pruned_differently_keep_the_union_of_channels():
   a = np.asarray(masks["layer2_0"]["conv2"]["kernel"])[0, 0, 0]
   b = np.asarray(masks["layer2_0"]["shortcut_conv"]["kernel"])[0, 0, 0]
   assert (a != b).any()
-  g, params = export.compact(model, variables, masks, (16, 16, 3), kinds=kinds)
+  g, params = compaction.compact(model, variables, masks, (16, 16, 3), kinds=kinds)
   x = np.random.default_rng(2).random((8, 16, 16, 3), np.float32)
   diff, scale = _max_diff(model, variables, g, params, x)
   assert diff <= TOL and scale > 0.1
@@ -260,9 +261,9 @@ def test_resnet18_branches_pruned_differently_keep_the_union_of_channels():
 
 def test_params_files_round_trip(tmp_path, lenet_inputs):
   variables, masks, kinds = _masked(LENET, (28, 28, 1), LENET_SCHEMES["n:m"])
-  g, params = export.compact(LENET, variables, masks, (28, 28, 1), kinds=kinds)
-  export.save_params(str(tmp_path), g, params)
-  g2, params2 = export.load_params(str(tmp_path))
+  g, params = compaction.compact(LENET, variables, masks, (28, 28, 1), kinds=kinds)
+  compaction.save_params(str(tmp_path), g, params)
+  g2, params2 = compaction.load_params(str(tmp_path))
   assert g2 == g
   assert jax.tree.all(jax.tree.map(
       lambda a, b: a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)),
@@ -285,7 +286,7 @@ def workdir(tmp_path_factory):
   model = models.get_model("lenet", 1)
   the_spec = sparsity.spec(configlib.parse_sparsity(config.sparsity))
   variables = _variables(model, (28, 28, 1), seed=7)
-  params = export.apply_masks(variables["params"], export.spec_masks(variables["params"],
+  params = compaction.apply_masks(variables["params"], compaction.spec_masks(variables["params"],
                                                                       the_spec))
   with checkpoint.manager(str(root / "outputs" / "retrain"), 1) as mngr:
     checkpoint.save(mngr, 0, {"params": params, "batch_stats": {}})
@@ -336,12 +337,12 @@ def test_measure_compaction_agrees_with_the_export_and_writes_nothing(workdir, e
 
 def test_artifact_runs_in_a_process_without_admm_jax(exported_run, tmp_path):
   out, _ = exported_run
-  g, params = export.load_params(out)
+  g, params = compaction.load_params(out)
   x = np.concatenate([np.random.default_rng(0).random((4, 28, 28, 1), np.float32),
                       _fashion_mnist(4)])
   np.save(tmp_path / "x.npy", x)
   code = ("import sys, jax, numpy as np\n"
-          f"exp = jax.export.deserialize(bytearray(open({os.path.join(out, export.ARTIFACT)!r},"
+          f"exp = jax.export.deserialize(bytearray(open({os.path.join(out, compaction.ARTIFACT)!r},"
           " 'rb').read()))\n"
           "x = np.load('x.npy')\n"
           "np.save('out.npy', np.asarray(exp.call(x)))\n"

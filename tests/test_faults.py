@@ -21,7 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from admm_jax import checkpoint, configlib, main, reliability, reports, study, train, trainer
+from admm_jax.app import checkpoint, configlib, reliability, reports, study, train, trainer
+from admm_jax.app.errors import UserError
 from tree_digest import tree_digest
 
 pytestmark = pytest.mark.slow  # end to end: run by .ci/run after the default command
@@ -162,7 +163,7 @@ def test_busy_workdir_is_one_sentence_and_touches_nothing(reference, tmp_path):
     _run(workdir)
   assert f"in use by pid {os.getppid()} on this host" in str(e.value)
   assert "\n" not in str(e.value) and e.value.exit_code == 2
-  assert isinstance(e.value, main._user_errors())
+  assert isinstance(e.value, UserError)
   assert tree_digest(workdir) == before
 
 

@@ -16,9 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # pipeline, checkpoints, configs and plots, the benchmarks' torch, and our own application
 # modules (models pull flax, data pulls tfds).
 APPLICATION_MODULES = ("tensorflow_datasets", "orbax", "ml_collections", "grain", "matplotlib",
-                       "tensorboard", "torch", "flax", "admm_jax.models", "admm_jax.data",
-                       "admm_jax.kernels", "admm_jax.trainer", "admm_jax.stages",
-                       "admm_jax.train", "admm_jax.checkpoint")
+                       "tensorboard", "torch", "flax", "admm_jax.models", "admm_jax.app",
+                       "admm_jax.kernels")
 
 
 def _modules_after(code: str) -> list[str]:

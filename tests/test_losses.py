@@ -15,7 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from admm_jax import attacks, configlib, losses, train, transforms
+from admm_jax import attacks, losses, transforms
+from admm_jax.app import configlib, train
 
 # Fixed logits (B=3, C=4); the values by hand use plain numpy probabilities in float64.
 LOGITS_CLEAN = np.array([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4], [-1.0, 3.0, 0.5, 1.0]])

@@ -16,7 +16,8 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from admm_jax import models, parallel, sparsity, train, transforms
+from admm_jax import models, sparsity, transforms
+from admm_jax.app import parallel, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from admm_jax import evaluate, models, plot, stages, study, study_report, tensorboard_log, trainer
+from admm_jax import models
+from admm_jax.app import evaluate, plot, stages, study, study_report, tensorboard_log, trainer
 
 pytestmark = pytest.mark.slow  # end to end: run by .ci/run after the default command
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from admm_jax import train
+from admm_jax.app import train
 
 
 class TinyBatchNormNet(nn.Module):

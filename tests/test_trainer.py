@@ -20,7 +20,9 @@ import numpy as np
 import optax
 import pytest
 
-from admm_jax import configlib, main, models, reports, sparsity, stages, study, trainer
+from admm_jax import models, sparsity
+from admm_jax.app import configlib, reports, stages, study, trainer
+from admm_jax.app.errors import UserError
 from tree_digest import tree_digest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,7 +209,7 @@ def test_sigkill_mid_stage_then_resume_gives_identical_numbers(finished_run, tmp
 
 def _user_error(config, workdir) -> str:
   """The message main prints for a run of `config` (as "error: <message>", exit code 2)."""
-  with pytest.raises(main._user_errors()) as e:
+  with pytest.raises(UserError) as e:
     trainer.train_and_evaluate(config, str(workdir))
   return str(e.value)
 

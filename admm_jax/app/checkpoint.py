@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from admm_jax import reliability
+from admm_jax.app import reliability
+from admm_jax.app.errors import UserError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """No readable checkpoint where one was expected."""
 
 

@@ -1,27 +1,54 @@
-"""What the command lines (main, study, plot) share: a user error is one sentence and exit
-code 2, logging set up the same way, and the explicit malloc opt-in on CPU."""
+"""The one command-line runner of every entry point (main, study, evaluate, export, plot):
+absl flags where a bad flag or config value is one sentence and exit code 2, logging set up
+the same way, a `UserError` printed as one sentence with its exit code, and the explicit
+malloc opt-in on CPU.
+
+An entry point defines its flags, then calls `run(main, required=[...])`:
+
+    _WORKDIR = flags.DEFINE_string("workdir", None, "...")
+    def main() -> None: ...            # raises UserError subclasses on bad input
+    if __name__ == "__main__":
+      cli.run(main, required=["workdir"])
+"""
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from typing import Callable, Sequence
 
-from absl import flags
+from absl import app, flags
 
-
-def user_errors() -> tuple[type[Exception], ...]:
-  """Errors that are the user's to fix: one sentence, exit code 2, no traceback."""
-  from admm_jax import checkpoint, configlib, data, parallel, plot, reliability, workdir
-  return (configlib.ConfigError, data.DataError, workdir.WorkdirError,
-          checkpoint.CheckpointError, parallel.ParallelError, plot.PlotError,
-          reliability.RunStopped)
+from admm_jax.app.errors import UserError
 
 
-def fail(error: Exception) -> None:
-  """Prints `error` as one line and exits: code 2, or a stop's own code (reliability.RunStopped:
-  128 + signal after SIGTERM/SIGINT, 2 otherwise)."""
+def run(main: Callable[[], None], required: Sequence[str] = ()) -> None:
+  """Parses the flags the caller defined, sets up logging and runs `main()`: a UserError is
+  one sentence and its exit code, positional arguments are one sentence and exit code 2."""
+  flags.mark_flags_as_required(list(required))
+  app.run(functools.partial(_run_main, main), flags_parser=parse_flags)
+
+
+def _run_main(main: Callable[[], None], argv: list[str]) -> None:
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {' '.join(argv[1:])}: pass only flags "
+          "(--name=value).", file=sys.stderr)
+    sys.exit(2)
+  setup_logging()
+  try:
+    main()
+  except UserError as e:
+    fail(e)
+  except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was pending
+    fail_interrupted_twice()
+
+
+def fail(error: UserError) -> None:
+  """Prints `error` as one line and exits with its code (2, or a stop's own code:
+  128 + signal after SIGTERM/SIGINT)."""
   interrupted = type(error).__name__ == "Interrupted"
   print(str(error) if interrupted else f"error: {error}", file=sys.stderr)
-  sys.exit(getattr(error, "exit_code", 2))
+  sys.exit(error.exit_code)
 
 
 def fail_interrupted_twice() -> None:
@@ -42,7 +69,7 @@ def parse_flags(argv: list[str]) -> list[str]:
           file=sys.stderr)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
     print(f"error: a --config.* flag names a field the config does not have ({e}): see the "
-          "config file and admm_jax/configlib.py for the fields.", file=sys.stderr)
+          "config file and admm_jax/app/configlib.py for the fields.", file=sys.stderr)
   sys.exit(2)
 
 

@@ -13,16 +13,17 @@ from typing import Any
 
 import ml_collections
 
-from admm_jax import attacks, losses, projections
+from admm_jax import attacks, losses, models, projections
 from admm_jax.kernels import CONV_IMPLS
-from admm_jax.stages import STAGES
+from admm_jax.app.stages import STAGES
+from admm_jax.app.errors import UserError
 
 STAGE_ORDER = tuple(STAGES)   # pretrain, admm, retrain, scratch, inherited
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "steps", "admm")
 LOCAL_DATASETS = ("mnist", "fashion_mnist")   # IDX files in data.dir; with data.dir='' any TFDS
 _TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[a-z0-9_.]+)?(:[0-9.*]+)?")  # image dataset by name
-MODELS = ("lenet", "vgg16", "resnet18")
+MODELS = tuple(models.REGISTRY)   # the model registry's names
 # Upper bounds for values that cannot work beyond them (memory, hours per step, int32 steps).
 MAX_WIDTH = 1024           # LeNet/VGG/ResNet width multiplier (16 is the paper's full size)
 MAX_BATCH = 2**20
@@ -30,7 +31,7 @@ MAX_ATTACK_STEPS = 10_000
 MAX_EPOCHS = 100_000
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value that cannot work; the message is one sentence meant for the user."""
 
 

@@ -22,6 +22,10 @@ Every random choice is a pure function of plain integers, so a run resumed at
 grain takes 32-bit seeds; each is drawn from `np.random.SeedSequence([stream, ...])`
 with a distinct, nonzero stream tag first and a fixed length per purpose, because
 SeedSequence pads entropy with zeros: `[a, b]` and `[a, b, 0]` give the same state.
+
+Size: one module because the sources, the hold-out and the batches share the seeding streams
+above and the `Examples` type; split them and the streams' uniqueness is no longer checkable
+in one place.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ from typing import Any
 
 import grain
 import numpy as np
+
+from admm_jax.app.errors import UserError
 
 SUPPORTED_LOCAL = ("mnist", "fashion_mnist")
 _IDX_NUM_CLASSES = 10
@@ -63,7 +69,7 @@ Split = tuple[np.ndarray, np.ndarray]
 Example = dict[str, np.ndarray]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A dataset cannot be found, read or batched as asked; the message says the fix."""
 
 

@@ -4,7 +4,7 @@ Run: python -m admm_jax.evaluate --workdir=runs/fmnist [--stage=retrain] [--atta
      [--eps=<the run's attack.eps>] [--norm=linf] [--limit=N] [--batch_size=B]
 
 The run's config (report.json's "config") rebuilds the model and the test split exactly as
-the trainer did (trainer.make_context / load_output). The first N test examples are attacked
+the trainer did (context.make_context / load_output). The first N test examples are attacked
 in order, batch by batch, sharded over all devices as in training; every finished batch is
 saved atomically under W/evaluation/partial/, so an interrupted evaluation resumes where it
 stopped (same batches, same keys, same result). It writes
@@ -13,7 +13,7 @@ stopped (same batches, same keys, same result). It writes
   W/evaluation/<stage>_<label>_robust.npy  one bool per evaluated test example, in split order
 
 where <label> is `autoattack`, a member name, or the members of a cascade joined by '+'.
-The sanity checks (README, "Is the robustness real?") look for signs of gradient masking.
+The sanity checks (docs/evaluation.md) look for signs of gradient masking.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from typing import Any, Sequence
 
@@ -29,8 +28,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from admm_jax import attacks, cli, configlib, data, parallel, reports, stages, train, trainer
-from admm_jax.workdir import WorkdirError, write_json_atomic
+from admm_jax import attacks
+from admm_jax.app import configlib, context, data, parallel, reports, stages, train
+from admm_jax.app.workdir import write_json_atomic
+from admm_jax.app.errors import UserError
 
 SANITY_LIMIT = 200
 # Tolerances of the sanity checks, as accuracies (fractions of the examples checked).
@@ -40,7 +41,7 @@ SQUARE_EXTRA = 0.01       # examples only Square breaks, allowed as a fraction o
 FGSM_SLACK = 0.01         # PGD may not leave more than this much more accuracy than FGSM
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
   """Bad evaluation input (attack, eps, stage, workdir); one sentence meant for the user."""
 
 
@@ -125,7 +126,7 @@ def _single_attacks_fn(rt: parallel.Runtime, model, runs: Sequence[tuple[str, fl
   return _jit_per_batch(rt, per_batch, ("single", rt, model, tuple(runs), norm))
 
 
-def _partial_dir(ctx: trainer.Context, stage: str, label: str, meta: dict) -> str:
+def _partial_dir(ctx: context.Context, stage: str, label: str, meta: dict) -> str:
   """W/evaluation/partial/<stage>_<label>/: per-batch results of an evaluation in progress;
   cleared when its settings (meta) differ from the ones it was started with.
 
@@ -156,12 +157,12 @@ def _save_batch(path: str, arrays: dict[str, np.ndarray]) -> None:
   os.replace(tmp, path)
 
 
-def _load_variables(ctx: trainer.Context, stage: str):
+def _load_variables(ctx: context.Context, stage: str):
   """(model, params, batch_stats) of the finished `stage` of ctx.workdir."""
   check_finished(ctx.workdir, stage)
   model = ctx.model(stages.STAGES[stage].width(ctx.config))
   like = train.init_variables(model, ctx.key("init", stage), ctx.dataset.image_shape)
-  variables = trainer.load_output(ctx, stage, like)
+  variables = context.load_output(ctx, stage, like)
   return model, variables["params"], variables["batch_stats"]
 
 
@@ -181,7 +182,7 @@ def check_finished(workdir: str, stage: str) -> None:
                           "first.")
 
 
-def _run_batches(ctx: trainer.Context, fn, params, batch_stats, examples: data.Examples,
+def _run_batches(ctx: context.Context, fn, params, batch_stats, examples: data.Examples,
                  batch_size: int, key: jax.Array, folder: str | None = None, what: str = ""
                  ) -> dict[str, np.ndarray]:
   """fn (see _jit_per_batch) over `examples` in order, batch i with key fold_in(key, i).
@@ -245,7 +246,7 @@ def sanity_checks(ctx, model, params, batch_stats, examples: data.Examples, eps:
                   batch_size: int, key: jax.Array) -> dict[str, dict[str, Any]]:
   """Gradient-masking checks on `examples` (a subset), with the cheap PGD-10 and FGSM.
 
-  Each check: {"ok", its numbers, "meaning"}; README's "Is the robustness real?" explains
+  Each check: {"ok", its numbers, "meaning"}; docs/evaluation.md explains
   what a failed one suggests.
   """
   n = len(examples)
@@ -278,14 +279,14 @@ def sanity_checks(ctx, model, params, batch_stats, examples: data.Examples, eps:
   return checks
 
 
-def evaluate_stage(ctx: trainer.Context, stage: str, *, attack: str = "autoattack",
+def evaluate_stage(ctx: context.Context, stage: str, *, attack: str = "autoattack",
                    eps: float | None = None, norm: str = "linf", limit: int = 0,
                    batch_size: int = 0, sanity: bool = True, sanity_limit: int = SANITY_LIMIT
                    ) -> dict[str, Any]:
   """Evaluates `stage`'s output in ctx.workdir; writes and returns the evaluation record.
 
   Args:
-    ctx: a trainer.Context of the run (make_context(run_config(workdir), workdir)).
+    ctx: a context.Context of the run (make_context(run_config(workdir), workdir)).
     stage: a finished stage of the run.
     attack: see parse_attack.
     eps: threat radius (None: the run's attack.eps).
@@ -364,11 +365,11 @@ def evaluate_workdir(workdir: str, stage: str = "retrain", **kwargs) -> dict[str
   if kwargs.get("eps") is not None:
     check_eps(kwargs["eps"], kwargs.get("norm", "linf"))
   check_finished(path, stage)
-  ctx = trainer.make_context(config, path)
+  ctx = context.make_context(config, path)
   return evaluate_stage(ctx, stage, **kwargs)
 
 
-def final_evaluation(ctx: trainer.Context, stage: str) -> dict[str, Any]:
+def final_evaluation(ctx: context.Context, stage: str) -> dict[str, Any]:
   """The trainer's hook (config.eval): the stage's `<label>_accuracy` and `<label>_examples`."""
   e = ctx.config.eval
   record = evaluate_stage(ctx, stage, attack=e.final_attack, limit=e.final_limit,
@@ -377,51 +378,3 @@ def final_evaluation(ctx: trainer.Context, stage: str) -> dict[str, Any]:
   return {"final_attack": label, f"{label}_accuracy": record["robust_accuracy"],
           f"{label}_examples": record["examples"],
           f"{label}_sanity_failed": [k for k, c in record["sanity"].items() if not c["ok"]]}
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-  """As admm_jax.main's: errors that are the user's to fix (one sentence, exit code 2)."""
-  from admm_jax import checkpoint, reliability  # pylint: disable=import-outside-toplevel
-  return (EvaluationError, configlib.ConfigError, data.DataError, WorkdirError,
-          checkpoint.CheckpointError, parallel.ParallelError, reliability.RunStopped)
-
-
-def _main(argv):
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  if len(argv) > 1:
-    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-    raise SystemExit(2)
-  f = flags.FLAGS
-  logging.getLogger().setLevel(logging.INFO)
-  for noisy in ("absl", "jax._src", "orbax", "etils"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  try:
-    record = evaluate_workdir(f.workdir, f.stage, attack=f.attack, eps=f.eps, norm=f.norm,
-                              limit=f.limit, batch_size=f.batch_size, sanity=not f.no_sanity,
-                              sanity_limit=f.sanity_limit)
-  except _user_errors() as e:
-    print(f"error: {e}", file=sys.stderr)
-    raise SystemExit(2) from None
-  if parallel.is_writer():
-    print(json.dumps({k: record[k] for k in ("stage", "attack", "eps", "examples",
-                                             "clean_accuracy", "robust_accuracy", "per_attack",
-                                             "wall_time_s")}))
-
-
-def run() -> None:
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string("workdir", None, "The run's workdir (holds report.json).", required=True)
-  flags.DEFINE_string("stage", "retrain", "A finished stage of the run.")
-  flags.DEFINE_string("attack", "autoattack", "autoattack, one of "
-                      f"{', '.join(attacks.ATTACK_NAMES)}, or a comma-separated cascade.")
-  flags.DEFINE_float("eps", None, "Threat radius (default: the run's config.attack.eps).")
-  flags.DEFINE_string("norm", "linf", "linf or l2.")
-  flags.DEFINE_integer("limit", 0, "Evaluate the first N test examples (0 = all).")
-  flags.DEFINE_integer("batch_size", 0, "Global batch (0 = the run's eval_batch_size).")
-  flags.DEFINE_bool("no_sanity", False, "Skip the gradient-masking checks.")
-  flags.DEFINE_integer("sanity_limit", SANITY_LIMIT, "Examples the sanity checks attack.")
-  app.run(_main, flags_parser=cli.parse_flags)
-
-
-if __name__ == "__main__":
-  run()

@@ -31,10 +31,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from admm_jax.app.errors import UserError
+
 DATA_AXIS = "data"
 
 
-class ParallelError(ValueError):
+class ParallelError(UserError, ValueError):
   """A device, batch or process setting that cannot work; one sentence naming the field."""
 
 

@@ -17,8 +17,10 @@ import json
 import os
 from typing import Any
 
+from admm_jax.app.errors import UserError
 
-class PlotError(ValueError):
+
+class PlotError(UserError, ValueError):
   """Nothing to plot, or no matplotlib; the message says what to do."""
 
 
@@ -161,34 +163,3 @@ def plot_run(workdir: str, out_dir: str | None = None) -> list[str]:
     paths.append(_plot_layers(records, offsets, [("sparsity", "zero fraction", False)],
                               os.path.join(out_dir, "sparsity.png"), "sparsity per layer"))
   return paths
-
-
-def main(argv, workdir_flag, out_flag) -> None:
-  from absl import app
-
-  from admm_jax import cli
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    paths = plot_run(workdir_flag.value, out_flag.value or None)
-  except PlotError as e:
-    cli.fail(e)
-  print("\n".join(paths))
-
-
-def run() -> None:
-  """Entry point: flags are defined here, so that importing this module defines none."""
-  import functools
-
-  from absl import app, flags
-
-  from admm_jax import cli
-  workdir = flags.DEFINE_string("workdir", None, "The run's --workdir (holds metrics.jsonl).")
-  out = flags.DEFINE_string("out", "", "Folder for the PNG files (default: <workdir>/plots).")
-  flags.mark_flags_as_required(["workdir"])
-  app.run(functools.partial(main, workdir_flag=workdir, out_flag=out),
-          flags_parser=cli.parse_flags)
-
-
-if __name__ == "__main__":
-  run()

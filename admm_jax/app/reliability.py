@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from admm_jax.app.errors import UserError
+
 LOCK_FILE = "run.lock"
 # Errors that mean "the disk, not the program": full, over quota, read-only, no permission.
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
@@ -41,7 +43,7 @@ _DISK_WORDS = ("No space left", "Disk quota", "Read-only file system", "Permissi
                "RESOURCE_EXHAUSTED")
 
 
-class RunStopped(RuntimeError):
+class RunStopped(UserError, RuntimeError):
   """The run stopped on purpose; the message is one sentence for the user."""
   exit_code = 2
 

@@ -7,7 +7,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from admm_jax import sparsity, stages, transforms
+from admm_jax import sparsity, transforms
+from admm_jax.app import stages
 
 # ADMM counts as converged when every pruned layer has ||W - Z|| / ||W|| below this.
 CONVERGED_RESIDUAL = 0.1

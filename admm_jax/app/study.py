@@ -43,11 +43,10 @@ from typing import Any
 
 import ml_collections
 
-from admm_jax import configlib, projections
+from admm_jax import projections
+from admm_jax.app import configlib
 
 CELL_KINDS = ("capacity", "pruned", "scratch", "inherited", "schemes")
-# The models' standard inputs, for the parameter counts that the pruned cells match.
-MODEL_INPUTS = {"lenet": (28, 28, 1), "vgg16": (32, 32, 3), "resnet18": (32, 32, 3)}
 
 
 class StudyError(configlib.ConfigError):
@@ -143,10 +142,10 @@ def _abstract_params(run: ml_collections.ConfigDict, width: int) -> Any:
 
   from admm_jax import models
   name = run.model.name
-  shape = MODEL_INPUTS.get(name)
-  if shape is None:
+  if name not in models.REGISTRY:
     raise StudyError(f"config.run.model.name={name!r} is invalid: use one of "
-                     f"{', '.join(MODEL_INPUTS)}.")
+                     f"{', '.join(models.REGISTRY)}.")
+  shape = models.REGISTRY[name].input_shape
   try:
     model = models.get_model(name, width)  # flax's conv: the parameters of every conv_impl
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
@@ -294,7 +293,7 @@ def _check_robust_eval(study: ml_collections.ConfigDict) -> None:
     raise StudyError(f"config.robust_eval_limit={limit!r} is invalid: use a non-negative "
                      "integer (0 = the whole test split).")
   if study.robust_eval:
-    from admm_jax import evaluate
+    from admm_jax.app import evaluate
     try:
       evaluate.parse_attack(study.robust_eval)
     except evaluate.EvaluationError as e:
@@ -364,7 +363,7 @@ def robust_evaluation(study: ml_collections.ConfigDict, cell_dir: str, report: d
   record it wrote before for the same attack and examples is read instead of recomputed."""
   if not study.robust_eval:
     return None
-  from admm_jax import evaluate
+  from admm_jax.app import evaluate
   stage = list(report["stages"])[-1]
   _, label = evaluate.parse_attack(study.robust_eval)
   examples = report["stages"][stage]["test_examples"]
@@ -401,8 +400,8 @@ def compaction_of(study: ml_collections.ConfigDict, cell: Cell, cell_dir: str
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  from admm_jax import export
-  from admm_jax.workdir import write_json_atomic
+  from admm_jax.app import export
+  from admm_jax.app.workdir import write_json_atomic
   result = export.measure_compaction(cell_dir)
   write_json_atomic(path, result)
   return result
@@ -420,7 +419,7 @@ def _record(cell: Cell, status: str, report: dict | None = None, error: str | No
 def _run_cell(study: ml_collections.ConfigDict, cell: Cell, workdir: str,
               records: dict[str, dict]) -> dict[str, Any]:
   """Runs (or resumes, or skips) one cell; never raises for a failure of the run itself."""
-  from admm_jax import trainer
+  from admm_jax.app import trainer
   config = cell_config(study, cell, workdir)
   cell_dir = os.path.join(workdir, "cells", cell.name)
   report = _finished_report(cell_dir, config)
@@ -440,7 +439,7 @@ def _run_cell(study: ml_collections.ConfigDict, cell: Cell, workdir: str,
       logging.error("study: %s failed: %s\n%s", cell.name, e, traceback.format_exc())
       return _record(cell, "failed", error=f"{type(e).__name__}: {e}")
     if study.plot_cells:
-      from admm_jax import plot
+      from admm_jax.app import plot
       plot.plot_run(cell_dir)
   try:
     robust = robust_evaluation(study, cell_dir, report)
@@ -454,8 +453,8 @@ def _run_cell(study: ml_collections.ConfigDict, cell: Cell, workdir: str,
 def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs every cell of `study` in `workdir` (skipping finished ones), then writes
   study.json, report.md and plots/; returns the study.json content."""
-  from admm_jax import plot, study_report
-  from admm_jax.workdir import prepare_workdir, write_json_atomic
+  from admm_jax.app import plot, study_report
+  from admm_jax.app.workdir import prepare_workdir, write_json_atomic
   cells = plan(study)
   plot.require_matplotlib()  # fail now, not after an hour of training
   workdir = prepare_workdir(workdir)
@@ -474,51 +473,3 @@ def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                len(cells), f" (not finished: {', '.join(failed)})" if failed else "",
                summary["report"])
   return summary
-
-
-# ------------------------------------------------------------------------ command line
-
-def main(argv, config_flag, workdir_flag, tune_malloc_flag) -> None:
-  from absl import app
-
-  from admm_jax import cli
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  cli.setup_logging()
-  study, workdir = config_flag.value, workdir_flag.value
-  try:
-    import jax
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-      # Seeds and schemes repeat the same programs: compile each once for the whole study.
-      jax.config.update("jax_compilation_cache_dir",
-                        os.path.join(os.path.abspath(workdir), "jax_cache"))
-    if tune_malloc_flag.value:
-      cli.tune_malloc(study.run.model.conv_impl)
-    summary = run_study(study, workdir)
-  except cli.user_errors() as e:
-    cli.fail(e)
-  print(f"study: {sum(c['status'] == 'finished' for c in summary['cells'])} of "
-        f"{len(summary['cells'])} cells finished in {summary['wall_time_s']:.0f} s")
-  print(f"report: {summary['report']}")
-
-
-def run() -> None:
-  """Entry point: flags are defined here, so that importing this module defines none."""
-  import functools
-
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  from admm_jax import cli
-  config = config_flags.DEFINE_config_file(
-      "config", None, "Study config file (configs/study_*.py[:arg]).", lock_config=True)
-  workdir = flags.DEFINE_string("workdir", "runs/study", "Where cells/, study.json, report.md "
-                                "and plots/ go; rerun with the same workdir to resume.")
-  tune = flags.DEFINE_bool("tune_malloc", True, "As admm_jax.main's --tune_malloc.")
-  flags.mark_flags_as_required(["config"])
-  app.run(functools.partial(main, config_flag=config, workdir_flag=workdir,
-                            tune_malloc_flag=tune), flags_parser=cli.parse_flags)
-
-
-if __name__ == "__main__":
-  run()

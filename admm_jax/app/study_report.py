@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any, Callable
 
-from admm_jax import plot
+from admm_jax.app import plot
 
 SCHEME_ORDER = ("irregular", "column", "filter")  # the paper's claim: best to worst
 RULE = ("'yes' when the claimed side is ahead by more than the combined spread "

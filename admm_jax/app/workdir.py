@@ -18,13 +18,14 @@ from typing import Any
 
 import jax
 
-from admm_jax import reliability, tensorboard_log
+from admm_jax.app import reliability, tensorboard_log
+from admm_jax.app.errors import UserError
 
 # A crash or a full disk never leaves half a file; the disk's errors are one sentence.
 write_json_atomic = reliability.write_json_atomic
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(UserError, RuntimeError):
   """The workdir cannot be used; the message says why and what to do."""
 
 

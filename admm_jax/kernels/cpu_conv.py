@@ -13,6 +13,9 @@ round-off, values and gradients). The rule and the thresholds were measured on o
 AVX2 machine; off CPU, XLA's own convolutions are the better choice, and the models use
 `flax.linen.Conv` unless asked for these (`admm_jax.models.conv_module`).
 Layouts follow Flax: inputs NHWC, kernels (kh, kw, cin, cout).
+
+Size: one module because the four kernels and the rule that picks among them are tuned
+together (the thresholds compare the kernels' measured costs); each kernel is a small section.
 """
 from collections.abc import Sequence
 import functools

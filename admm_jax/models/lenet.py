@@ -56,3 +56,15 @@ def lenet_param_count(width: int, in_channels: int = 1, num_classes: int = 10) -
   fc1 = 7 * 7 * 4 * w * 64 * w + 64 * w
   fc2 = 64 * w * num_classes + num_classes
   return conv1 + conv2 + fc1 + fc2
+
+
+def build_graph(b, model: LeNet) -> None:
+  """Appends LeNet's layers to `b`, an `admm_jax.graph.Builder` (compaction and export)."""
+  del model
+  for name in ("conv1", "conv2"):
+    b.conv(name)
+    b.simple("relu_max_pool")
+  b.simple("flatten")
+  b.dense("fc1")
+  b.simple("relu")
+  b.dense("fc2")

@@ -99,3 +99,27 @@ class ResNet18(nn.Module):
                        conv=self.conv, name=f"layer{stage}_{b}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="fc")(x)
+
+
+def build_graph(b, model: ResNet18) -> None:
+  """Appends ResNet-18's layers to `b`, an `admm_jax.graph.Builder` (compaction and export)."""
+  del model
+  b.conv("conv1")
+  b.batch_norm("bn1")
+  b.simple("relu")
+  for stage, (_, first_stride) in enumerate(_STAGES, start=1):
+    for i in range(_BLOCKS_PER_STAGE):
+      block, s = f"layer{stage}_{i}", first_stride if i == 0 else 1
+      x = b.last
+      b.conv(f"{block}/conv1", s)
+      b.batch_norm(f"{block}/bn1")
+      b.simple("relu")
+      b.conv(f"{block}/conv2")
+      y = b.batch_norm(f"{block}/bn2")
+      if "shortcut_conv" in b.params[block]:
+        b.conv(f"{block}/shortcut_conv", s, inputs=(x,))
+        x = b.batch_norm(f"{block}/shortcut_bn")
+      b.add(f"{block}/add", "add", (y, x))
+      b.simple("relu")
+  b.simple("mean_pool")
+  b.dense("fc")

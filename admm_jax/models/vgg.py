@@ -69,3 +69,20 @@ class VGG16(nn.Module):
         x = nn.relu(x)
     x = x.reshape(x.shape[0], -1)
     return nn.Dense(self.num_classes, name="fc")(x)
+
+
+def build_graph(b, model: VGG16) -> None:
+  """Appends VGG-16's layers to `b`, an `admm_jax.graph.Builder` (compaction and export)."""
+  del model
+  i = 0
+  for c, next_c in zip(VGG16_CFG, VGG16_CFG[1:] + (None,)):
+    if c == "M":
+      b.simple("relu_max_pool")
+      continue
+    i += 1
+    b.conv(f"conv{i}")
+    b.batch_norm(f"bn{i}")
+    if next_c != "M":
+      b.simple("relu")
+  b.simple("flatten")
+  b.dense("fc")

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from admm_jax import models, train
+from admm_jax import models
+from admm_jax.app import train
 import bench  # benchmarks/bench.py (conftest.py puts benchmarks/ on the path)
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")

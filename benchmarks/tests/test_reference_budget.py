@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import reference_budget as rb  # noqa: E402
 
-from admm_jax import configlib  # noqa: E402
+from admm_jax.app import configlib  # noqa: E402
 
 
 def test_config_is_the_budget_plus_overrides_and_validates():
