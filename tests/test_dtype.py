@@ -1,8 +1,7 @@
-"""bfloat16 compute (config.model.dtype) and compile-once (admm_jax.compilation).
+"""bfloat16 compute (config.model.dtype).
 
 Fast tests: every model computes in bfloat16 while its parameters and logits stay float32;
-the CPU convolutions agree with float32; a bad dtype is one sentence; the cache folder's
-rules; a second identical (small) run loads every program from the persistent cache.
+the CPU convolutions agree with float32; a bad dtype is one sentence.
 Slow tier: the :tiny recipe in float32 and in bfloat16, stage by stage within 2 points, the
 pruned weights exactly zero, and the projections fed float32.
 """
@@ -12,9 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
-from admm_jax import compilation, configlib, models, projections, sparsity, study, train, trainer
+from admm_jax import configlib, models, projections, sparsity, study, train, trainer
 from admm_jax.kernels import cpu_conv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,57 +61,6 @@ def test_bad_dtype_is_one_sentence_naming_the_field():
     configlib.validate(c)
   with pytest.raises(ValueError, match="float32 or bfloat16"):
     models.get_model("lenet", 1, dtype="float16")
-
-
-def test_cache_folder_default_override_and_off():
-  assert compilation.default_cache_dir({"XDG_CACHE_HOME": "/x"}) == "/x/admm_jax/jax"
-  assert compilation.cache_dir_from_env({"HOME": "/h"}).endswith(
-      os.path.join(".cache", "admm_jax", "jax"))
-  assert compilation.cache_dir_from_env({compilation.ENV_VAR: "/c"}) == "/c"
-  assert compilation.cache_dir_from_env({compilation.ENV_VAR: "OFF"}) is None
-  assert compilation.cache_dir_from_env({"JAX_COMPILATION_CACHE_DIR": "/j",
-                                         compilation.ENV_VAR: "off"}) == "/j"  # jax's own wins
-
-
-def test_compile_stats_difference():
-  a = compilation.CompileStats(programs=5, cache_hits=2, seconds=3.0)
-  b = compilation.CompileStats(programs=9, cache_hits=6, seconds=3.5)
-  d = b - a
-  assert (d.programs, d.cache_hits, d.compiled) == (4, 4, 0)
-  assert d.to_dict() == {"compile_s": 0.5, "programs": 4, "compiled": 0, "cache_hits": 4}
-
-
-@pytest.fixture
-def private_cache(tmp_path):
-  """A fresh persistent cache for one test; conftest's settings come back afterwards."""
-  names = ("jax_compilation_cache_dir", "jax_enable_compilation_cache",
-           "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  saved = {n: getattr(jax.config, n) for n in names}
-  yield compilation.setup_cache(str(tmp_path / "jax_cache"))
-  for n, v in saved.items():
-    jax.config.update(n, v)
-  compilation_cache.reset_cache()
-
-
-def _small_config(**fields):
-  # Pretrain only, 4 steps of LeNet(1): the run's programs, not its training, are the point.
-  return configlib.override(study.load_config(CONFIG, "tiny"), {
-      "stages": "pretrain", "data.limit_train": 256, "data.validation_size": 64,
-      "data.limit_test": 64, "model.width": 1, "pretrain.epochs": 1, "parallel.data_axis": 1,
-      "eval_batch_size": 64, **fields})
-
-
-@needs_fmnist
-def test_second_identical_run_compiles_nothing(private_cache, tmp_path):
-  first = trainer.train_and_evaluate(_small_config(), str(tmp_path / "a"))["compilation"]
-  second = trainer.train_and_evaluate(_small_config(), str(tmp_path / "b"))["compilation"]
-  assert first["cache_dir"] == second["cache_dir"] == private_cache
-  assert first["compiled"] > 0 and first["compile_s"] > 0
-  assert second["compiled"] == 0, second
-  # The re-created train and eval steps came from disk (the rest from memory: same process).
-  assert second["cache_hits"] == second["programs"] > 0
-  assert os.listdir(private_cache)
 
 
 # ----------------------------------------------------------- slow: :tiny, float32 vs bfloat16
