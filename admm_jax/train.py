@@ -121,7 +121,10 @@ def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...
   more than its train step); jitted at -O2 17 s, at -O0 2 s (its 22 threefry generators).
   """
   x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
-  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  # compiler_options only at the top level (not under eval_shape or another jit).
+  top_level = not isinstance(key, jax.core.Tracer)
+  options = ({"xla_backend_optimization_level": 0}
+             if top_level and jax.default_backend() == "cpu" else None)
   variables = jax.jit(functools.partial(model.init, train=False), compiler_options=options)(key, x)
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
