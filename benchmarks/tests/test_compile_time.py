@@ -1,10 +1,11 @@
 """A guard on compile time: the train step of every model in the registry compiles in bounded
 time on CPU, without the persistent cache (a cold compile).
 
-The bound is loose (these machines are shared: the same compile takes 2-3x longer under load)
-and catches what made compile time explode before: a Python-unrolled PGD loop (x steps), an
-init compiled op by op, a recompilation per step. Measured (2 loaded cores, load 6-12):
-ResNet-18(1) PGD-10 batch 32 compiled in 8.9 s with XLA's convolution.
+The bound is on the process's CPU seconds, not wall time (these machines are shared: under a
+load average of 16 the wall time of the same compile tripled), and loose: it catches what
+makes compile time explode, e.g. a Python-unrolled PGD loop (x steps) or a recompilation per
+step. Measured with this test (2 cores, load average 16): LeNet(1) 3.1 CPU s (7.7 s wall),
+VGG-16(1) 10.1 (37.1), ResNet-18(1) 12.7 (52.4).
 """
 import time
 
@@ -16,7 +17,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from admm_jax import compilation, models, train
 
-BOUND_S = 90.0
+BOUND_CPU_S = 60.0
 SHAPES = {"lenet": (28, 28, 1), "vgg16": (32, 32, 3), "resnet18": (32, 32, 3)}
 
 
@@ -40,10 +41,11 @@ def test_train_step_compiles_in_bounded_time(name, no_persistent_cache):
   batch = {"image": jnp.zeros((8,) + SHAPES[name]), "label": jnp.zeros((8,), jnp.int32)}
   step = train.jit_train_step(model, tx, train.Attack("pgd", 0.03, 0.01, 10))
   before = compilation.COUNTER.snapshot()
-  t = time.perf_counter()
+  t, cpu = time.perf_counter(), time.process_time()
   step.lower(state, batch, jax.random.key(1)).compile()
-  seconds = time.perf_counter() - t
+  seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - cpu
   compiled = compilation.COUNTER.snapshot() - before
   assert compiled.compiled == 1 and compiled.cache_hits == 0  # one cold compile, no cache
-  print(f"{name}(1) PGD-10 train step: compiled in {seconds:.1f} s")
-  assert seconds < BOUND_S, f"{name}: the train step took {seconds:.0f} s to compile"
+  print(f"{name}(1) PGD-10 train step: compiled in {seconds:.1f} s ({cpu_seconds:.1f} CPU s)")
+  assert cpu_seconds < BOUND_CPU_S, (
+      f"{name}: the train step took {cpu_seconds:.0f} CPU seconds to compile")
