@@ -54,6 +54,35 @@ def test_cpu_convolutions_in_bfloat16_match_float32(impl):
   assert rel < 0.02, rel
 
 
+def test_bfloat16_step_feeds_float32_to_projections_losses_and_attack(monkeypatch):
+  # Traced only (eval_shape): which dtypes reach ADMM's projections, the attack's iterate and
+  # the new params / optimizer state when the model computes in bfloat16.
+  import optax  # pylint: disable=import-outside-toplevel
+  from admm_jax import transforms  # pylint: disable=import-outside-toplevel
+  seen = []
+  project = projections.project
+  monkeypatch.setattr(projections, "project",
+                      lambda w, *a, **k: seen.append(jnp.result_type(w)) or project(w, *a, **k))
+  model = models.get_model("lenet", 1, conv_impl="auto", dtype="bfloat16")
+  v = train.init_variables(model, jax.random.key(0), SHAPES["lenet"])
+  spec = {"conv2/kernel": ("filter", 0.5), "fc1/kernel": ("irregular", 0.9)}
+  tx = optax.chain(transforms.admm(spec, rho=1e-3, update_every=2), optax.sgd(0.01))
+  state = train.create_train_state(v["params"], v["batch_stats"], tx)
+  batch = {"image": jnp.zeros((4, 28, 28, 1)), "label": jnp.zeros((4,), jnp.int32)}
+  attack = train.Attack("pgd", 0.1, 0.02, 2)
+  new, metrics = jax.eval_shape(
+      lambda s, b, k: train.train_step(s, b, k, model=model, tx=tx, attack=attack),
+      state, batch, jax.random.key(1))
+  assert seen and set(seen) == {jnp.dtype(jnp.float32)}  # init's and the Z/U update's
+  assert {x.dtype for x in jax.tree.leaves((new.params, new.opt_state))
+          if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+  assert metrics["loss"].dtype == jnp.float32
+  apply_fn = train.logits_fn(model, {}, train=False)
+  x_adv = jax.eval_shape(lambda p, x, y, k: attack(apply_fn, p, x, y, k), v["params"],
+                         batch["image"], batch["label"], jax.random.key(2))
+  assert x_adv.dtype == jnp.float32  # the attack's iterate stays float32
+
+
 def test_bad_dtype_is_one_sentence_naming_the_field():
   c = configlib.base_config()
   c.model.dtype = "float16"
