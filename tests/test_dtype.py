@@ -24,6 +24,11 @@ needs_fmnist = pytest.mark.skipif(
     reason="Debian's dataset-fashion-mnist is not installed")
 
 
+def _jit(fn):
+  """jax.jit without LLVM's optimisations: compiling is nearly all these tests' time."""
+  return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
+
+
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_bfloat16_model_computes_in_bfloat16_with_float32_params_and_logits(name):
   m16 = models.get_model(name, 1, conv_impl="auto", dtype="bfloat16")
@@ -34,8 +39,8 @@ def test_bfloat16_model_computes_in_bfloat16_with_float32_params_and_logits(name
   f16 = train.logits_fn(m16, v["batch_stats"], train=False)
   jaxpr = str(jax.make_jaxpr(f16)(v["params"], x))
   assert "dot_general" in jaxpr and "bf16[" in jaxpr  # the matmuls run in bfloat16
-  y16 = jax.jit(f16)(v["params"], x)
-  y32 = jax.jit(train.logits_fn(m32, v["batch_stats"], train=False))(v["params"], x)
+  y16 = _jit(f16)(v["params"], x)
+  y32 = _jit(train.logits_fn(m32, v["batch_stats"], train=False))(v["params"], x)
   assert y16.dtype == jnp.float32
   # bfloat16 keeps 8 bits: a few percent of the logits' scale, no more.
   np.testing.assert_allclose(y16, y32, atol=0.05 * float(jnp.abs(y32).max()) + 1e-3)
