@@ -13,7 +13,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from admm_jax import cli
+from admm_jax import cli, compilation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -35,6 +35,7 @@ def main(argv):
     if config.parallel.distributed:  # before any other jax call
       parallel.initialize_distributed(config.parallel.coordinator_address,
                                       config.parallel.num_processes, config.parallel.process_id)
+    compilation.setup_cache()  # a resumed or repeated run loads what it compiled before
     if _TUNE_MALLOC.value:
       cli.tune_malloc(config.model.conv_impl)
     from admm_jax import trainer

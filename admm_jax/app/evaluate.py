@@ -396,6 +396,8 @@ def _main(argv):
   for noisy in ("absl", "jax._src", "orbax", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
+    from admm_jax import compilation  # pylint: disable=import-outside-toplevel
+    compilation.setup_cache()  # the run's programs, compiled once
     record = evaluate_workdir(f.workdir, f.stage, attack=f.attack, eps=f.eps, norm=f.norm,
                               limit=f.limit, batch_size=f.batch_size, sanity=not f.no_sanity,
                               sanity_limit=f.sanity_limit)

@@ -722,6 +722,8 @@ def main(argv: list[str]) -> None:
   for noisy in ("absl", "jax._src", "orbax", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
+    from admm_jax import compilation  # pylint: disable=import-outside-toplevel
+    compilation.setup_cache()  # issue 27: the export's programs, compiled once
     batches = tuple(int(b) for b in f.latency_batches.split(",") if b.strip())
     s = export_workdir(f.workdir, f.out, f.stage, batches, f.latency_repeats)
   except (ExportError, configlib.ConfigError, data.DataError, checkpoint.CheckpointError) as e:

@@ -487,11 +487,9 @@ def main(argv, config_flag, workdir_flag, tune_malloc_flag) -> None:
   cli.setup_logging()
   study, workdir = config_flag.value, workdir_flag.value
   try:
-    import jax
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-      # Seeds and schemes repeat the same programs: compile each once for the whole study.
-      jax.config.update("jax_compilation_cache_dir",
-                        os.path.join(os.path.abspath(workdir), "jax_cache"))
+    from admm_jax import compilation
+    # Seeds and schemes repeat the same programs: compile each once, for this and later studies.
+    compilation.setup_cache()
     if tune_malloc_flag.value:
       cli.tune_malloc(study.run.model.conv_impl)
     summary = run_study(study, workdir)

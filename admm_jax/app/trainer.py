@@ -30,8 +30,8 @@ import numpy as np
 import optax
 from flax import struct
 
-from admm_jax import (checkpoint, configlib, data, models, parallel, reliability, reports,
-                      sparsity, stages, train, transforms)
+from admm_jax import (checkpoint, compilation, configlib, data, models, parallel, reliability,
+                      reports, sparsity, stages, train, transforms)
 from admm_jax.workdir import (MetricsLog, StagePaths, WorkdirError, prepare_workdir, stage_paths,
                               write_json_atomic)
 
@@ -66,7 +66,8 @@ class Context:
 
   def model(self, width: int):
     return models.get_model(self.config.model.name, width, self.dataset.num_classes,
-                            conv_impl=self.config.model.conv_impl)
+                            conv_impl=self.config.model.conv_impl,
+                            dtype=self.config.model.dtype)
 
   def key(self, *purpose: str) -> jax.Array:
     return purpose_key(self.root_key, *purpose)
@@ -462,6 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   disk is one sentence (reliability.RunStopped and its exit code).
   """
   configlib.validate(config)  # a bad config touches nothing, not even the lock
+  compiled_before = compilation.COUNTER.snapshot()
   workdir, stops = prepare_workdir(workdir), reliability.StopRequests(config.log_every_steps)
   with (reliability.workdir_lock(workdir), stops.installed(),
         reliability.disk_errors(f"writing to the workdir {workdir}")):
@@ -474,6 +476,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           from admm_jax import evaluate  # pylint: disable=import-outside-toplevel
           records[name] = {**records[name], **evaluate.final_evaluation(ctx, name)}
         report = reports.run_report(config, ctx.dataset, ctx.runtime.describe(), records)
+        # This process's compilations (a warm persistent cache: compiled 0, all cache hits).
+        report["compilation"] = {
+            **(compilation.COUNTER.snapshot() - compiled_before).to_dict(),
+            "cache_dir": compilation.cache_in_use()}
         if ctx.is_writer:
           write_json_atomic(os.path.join(workdir, "report.json"), report)
     finally:

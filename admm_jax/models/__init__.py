@@ -6,6 +6,7 @@ need `variables['batch_stats']` and, when `train=True`, `mutable=['batch_stats']
 """
 from typing import Any
 
+import jax.numpy as jnp
 from flax import linen as nn
 
 from admm_jax.models.layers import ConvDef, conv_module, max_pool_2x2, normalize_input
@@ -15,6 +16,8 @@ from admm_jax.models.resnet import BasicBlock, ResNet18
 from admm_jax.models.vgg import VGG16
 
 MODELS: dict[str, type[nn.Module]] = {"lenet": LeNet, "vgg16": VGG16, "resnet18": ResNet18}
+# Compute dtypes a model runs in (`config.model.dtype`).
+COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def _model_class(name: str) -> type[nn.Module]:
@@ -25,7 +28,7 @@ def _model_class(name: str) -> type[nn.Module]:
 
 
 def get_model(name: str, width: int, num_classes: int = 10, conv_impl: str = "xla",
-              **kwargs: Any) -> nn.Module:
+              dtype: str | Any = "float32", **kwargs: Any) -> nn.Module:
   """Builds a model by name.
 
   Args:
@@ -34,13 +37,18 @@ def get_model(name: str, width: int, num_classes: int = 10, conv_impl: str = "xl
     num_classes: number of logits.
     conv_impl: which convolution the model uses (`conv_module`): "xla" (`flax.linen.Conv`),
       "auto" (the CPU kernels on the CPU backend, XLA elsewhere) or one CPU kernel by name.
+    dtype: the compute dtype, "float32" or "bfloat16" (`config.model.dtype`): activations
+      and matmuls in it; parameters, BatchNorm statistics and the logits stay float32.
     **kwargs: further model attributes (input_mean, input_std, or `conv` itself).
 
   Returns:
     The (unbound) flax module.
   """
   kwargs.setdefault("conv", conv_module(conv_impl))
-  return _model_class(name)(width=width, num_classes=num_classes, **kwargs)
+  dtype = jnp.dtype(dtype)
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"model dtype {dtype.name!r} is not supported: use float32 or bfloat16.")
+  return _model_class(name)(width=width, num_classes=num_classes, dtype=dtype, **kwargs)
 
 
 def has_batch_norm(name: str) -> bool:
@@ -48,6 +56,7 @@ def has_batch_norm(name: str) -> bool:
   return _model_class(name).has_batch_norm
 
 
-__all__ = ["BasicBlock", "ConvDef", "LeNet", "MODELS", "ResNet18", "VGG16", "conv_module",
+__all__ = ["BasicBlock", "COMPUTE_DTYPES", "ConvDef", "LeNet", "MODELS", "ResNet18", "VGG16",
+           "conv_module",
            "get_model", "has_batch_norm", "lenet_param_count", "max_pool_2x2",
            "normalize_input", "relu_max_pool_2x2"]
