@@ -4,8 +4,6 @@
 
 The cells, the layout of the study's workdir and the report: `admm_jax.app.study`.
 """
-import os
-
 from absl import flags
 from ml_collections import config_flags
 
@@ -23,12 +21,9 @@ def _define_flags() -> None:
 
 
 def main() -> None:
-  import jax
+  # Seeds and schemes repeat the same programs: the runner's persistent compilation cache
+  # compiles each once, for this and later studies.
   study, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    # Seeds and schemes repeat the same programs: compile each once for the whole study.
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.join(os.path.abspath(workdir), "jax_cache"))
   if flags.FLAGS.tune_malloc:
     cli.tune_malloc(study.run.model.conv_impl)
   summary = run_study(study, workdir)

@@ -1,10 +1,11 @@
 """Benchmark: admm_jax's jitted adversarial ADMM train step next to a PyTorch-eager loop.
 
 Run from the repository root: python benchmarks/bench.py [--quick] [--json]
-     [--cases lenet:16:10:64,...] [--threads N] [--repeats R] [--no-torch] [--no-extras]
-     [--profile [TOP]] [--no-malloc-tuning]
+     [--cases lenet:16:10:64,vgg16:16:10:128:bf16,...] [--threads N] [--repeats R]
+     [--no-torch] [--torch-compile [BACKEND]] [--no-extras] [--profile [TOP]]
+     [--no-malloc-tuning] [--cache DIR] [--table ROWS.json ...]
 
-For each case (model:width:pgd_steps:batch) it times admm_jax's jitted train step (PGD-K
+For each case (model:width:pgd_steps:batch[:dtype]) it times admm_jax's jitted train step (PGD-K
 adversarial examples, cross-entropy on them, the ADMM penalty from `transforms.admm`, SGD
 with momentum) and `bench_torch.TorchADMMTrainer`, a PyTorch-eager re-statement of the
 authors' loop on the same topology, attack, batch and thread count. The two are timed
@@ -43,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout's admm_jax, installed or not
 
 from admm_jax import models, sparsity, transforms  # noqa: E402
-from admm_jax.app import data, train  # noqa: E402
+from admm_jax.app import compilation, data, train  # noqa: E402
 from admm_jax.kernels import malloc  # noqa: E402
 import opprofile  # noqa: E402  (benchmarks/opprofile.py)
 
@@ -55,23 +56,32 @@ INPUT_SHAPES = {"lenet": (28, 28, 1), "vgg16": (32, 32, 3), "resnet18": (32, 32,
 DEFAULT_CASES = ("lenet:1:10:64", "lenet:1:40:64", "lenet:4:10:64", "lenet:4:40:64",
                  "lenet:16:10:64", "lenet:16:40:64", "vgg16:4:10:128", "resnet18:4:10:128")
 QUICK_CASES = ("lenet:4:10:64", "lenet:16:10:64")
+DTYPES = {"float32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-  """One benchmark row: model name, width multiplier, PGD steps and batch size."""
+  """One benchmark row: model name, width multiplier, PGD steps, batch size, compute dtype."""
   model: str
   width: int
   steps: int
   batch: int
+  dtype: str = "float32"
 
   @classmethod
   def parse(cls, text: str) -> "Case":
-    """Parses "model:width:steps[:batch]" (batch defaults to 64 for lenet, 128 otherwise)."""
+    """Parses "model:width:steps[:batch[:dtype]]" (batch defaults to 64 for lenet, 128
+    otherwise; dtype float32 (f32) or bfloat16 (bf16), default float32)."""
     parts = text.strip().split(":")
+    dtype = "float32"
+    if len(parts) == 5:
+      if parts[4] not in DTYPES:
+        raise ValueError(f"case {text!r}: dtype {parts[4]!r} is unknown: use float32 or "
+                         "bfloat16 (f32, bf16).")
+      dtype = DTYPES[parts.pop()]
     if len(parts) not in (3, 4) or parts[0] not in INPUT_SHAPES:
-      raise ValueError(f"case {text!r} must be model:width:steps[:batch] with model in "
-                       f"{sorted(INPUT_SHAPES)}, e.g. lenet:16:10:64.")
+      raise ValueError(f"case {text!r} must be model:width:steps[:batch[:dtype]] with model "
+                       f"in {sorted(INPUT_SHAPES)}, e.g. lenet:16:10:64 or vgg16:16:10:128:bf16.")
     try:
       nums = [int(p) for p in parts[1:]]
     except ValueError:
@@ -79,7 +89,7 @@ class Case:
     batch = nums[2] if len(nums) == 3 else (64 if parts[0] == "lenet" else 128)
     if min(nums[0], nums[1], batch) < 1:
       raise ValueError(f"case {text!r}: width, steps and batch must be >= 1.")
-    return cls(parts[0], nums[0], nums[1], batch)
+    return cls(parts[0], nums[0], nums[1], batch, dtype)
 
 
 # ----------------------------------------------------------------------------- timing helpers
@@ -126,12 +136,13 @@ def _matmul_size() -> int:
 
 
 class Matmul:
-  """One n x n float32 XLA matmul; timed alongside the steps to give the in-situ peak."""
+  """One n x n XLA matmul in `dtype` (float32: XLA's default precision, TF32 on NVIDIA GPUs);
+  timed alongside the steps to give the in-situ peak of that dtype."""
 
-  def __init__(self, n: int | None = None):
+  def __init__(self, n: int | None = None, dtype: str = "float32"):
     n = n or _matmul_size()
     self.flops = 2 * n ** 3
-    self.a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    self.a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32), dtype)
     self.f = jax.jit(lambda a: a @ a)
 
   def __call__(self) -> None:
@@ -154,7 +165,7 @@ def matmul_peak_gflops(n: int | None = None, seconds: float = 1.0) -> float:
 # ----------------------------------------------------------------------------- the jax side
 
 def _model(case: Case):
-  return models.get_model(case.model, case.width, conv_impl="auto")
+  return models.get_model(case.model, case.width, conv_impl="auto", dtype=case.dtype)
 
 
 def _batch(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
@@ -236,13 +247,14 @@ class JaxStep:
     both sides of the comparison are measured against one count (as in model-FLOPs
     utilisation). XLA counts a while-loop body once, so the PGD loop is added by hand: the
     step without an attack (forward, backward, update) plus `steps` times one input-gradient
-    pass.
+    pass. Both counts come from the lowered programs' cost analysis, which compiles nothing
+    (compiling them doubled a row's compile time: ResNet-18 on a GPU ran out of time there).
     """
     case = self.case
     model = self.model.clone(conv=models.conv_module("xla"))
     no_attack = jax.jit(functools.partial(train.train_step, model=model, tx=self.tx,
                                           attack=train.Attack("none")))
-    base = no_attack.lower(self.state, self.batch, self.key).compile().cost_analysis()["flops"]
+    base = no_attack.lower(self.state, self.batch, self.key).cost_analysis()["flops"]
     apply_fn = train.logits_fn(model, self.state.batch_stats, train=True)
     y = self.batch["label"]
 
@@ -250,8 +262,8 @@ class JaxStep:
       loss = lambda x: optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, x), y)
       return jax.grad(lambda x: loss(x).sum())(x)
 
-    per_iter = jax.jit(input_grad).lower(self.state.params, self.batch["image"]).compile(
-        ).cost_analysis()["flops"]
+    per_iter = jax.jit(input_grad).lower(self.state.params, self.batch["image"]
+                                         ).cost_analysis()["flops"]
     return float(base + case.steps * per_iter)
 
 
@@ -353,10 +365,13 @@ class TorchStep:
   """The PyTorch-eager re-statement (`bench_torch`) on the same batch, NCHW.
 
   On cuda, TF32 matmuls are allowed as XLA allows them by default for float32 on GPUs (torch
-  allows them in convolutions only), so both sides run the same arithmetic.
+  allows them in convolutions only), so both sides run the same arithmetic. A bfloat16 case
+  runs the forward passes under autocast. `compile_backend` ("inductor": torch.compile's
+  default) compiles the model; `first_step_s` is then the first step's seconds, compilation
+  included (torch compiles lazily, on the first calls).
   """
 
-  def __init__(self, case: Case, device: str = "cpu"):
+  def __init__(self, case: Case, device: str = "cpu", compile_backend: str | None = None):
     import torch  # pylint: disable=import-outside-toplevel
     import bench_torch  # pylint: disable=import-outside-toplevel  (benchmarks/bench_torch.py)
     torch.manual_seed(0)
@@ -364,7 +379,8 @@ class TorchStep:
     model = bench_torch.build_model(case.model, case.width, shape[-1]).to(device)
     self.trainer = bench_torch.TorchADMMTrainer(
         model, eps=EPS, step_size=STEP_SIZE, steps=case.steps, lr=LR, momentum=MOMENTUM,
-        rho=RHO, prune_ratio=PRUNE)
+        rho=RHO, prune_ratio=PRUNE, compile_backend=compile_backend,
+        compute_dtype=torch.bfloat16 if case.dtype == "bfloat16" else None)
     b = _batch(case)
     self.x = torch.from_numpy(np.ascontiguousarray(b["image"].transpose(0, 3, 1, 2))).to(device)
     self.y = torch.from_numpy(b["label"].astype(np.int64)).to(device)
@@ -372,6 +388,11 @@ class TorchStep:
     self.sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     if on_cuda:
       torch.backends.cuda.matmul.allow_tf32 = True
+    self.first_step_s = None
+    if compile_backend is not None:
+      t = _now()
+      self()
+      self.first_step_s = _now() - t
 
   def __call__(self) -> None:
     self.trainer.step(self.x, self.y)
@@ -391,15 +412,23 @@ def _device_peak_mb() -> float | None:
 
 def run_case(case: Case, *, repeats: int, min_seconds: float, use_torch: bool, extras: bool,
              peak_gflops: float, log: Callable[[str], None], profile_top: int = 0,
-             torch_device_name: str = "cpu") -> dict[str, Any]:
-  """Measures one row (see the module docstring)."""
-  log(f"case {case.model}(w={case.width}) PGD-{case.steps} batch {case.batch}: compiling")
+             torch_device_name: str = "cpu", torch_compile: str | None = None
+             ) -> dict[str, Any]:
+  """Measures one row (see the module docstring); `torch_compile` (a torch.compile backend)
+  adds the torch.compile'd twin as a third contender."""
+  log(f"case {case.model}(w={case.width}) PGD-{case.steps} batch {case.batch} {case.dtype}: "
+      "compiling")
+  cache_before = compilation.COUNTER.snapshot()
   step = JaxStep(case)
+  compiled = compilation.COUNTER.snapshot() - cache_before
   flops = step.flops()
-  matmul = Matmul()
+  matmul = Matmul(dtype=case.dtype)
   fns: dict[str, Callable[[], None]] = {"jax": step}
   if use_torch:
     fns["torch"] = TorchStep(case, torch_device_name)
+  if use_torch and torch_compile:
+    log(f"  torch.compile (backend {torch_compile})")
+    fns["torch_compile"] = TorchStep(case, torch_device_name, compile_backend=torch_compile)
   fns["matmul"] = matmul
   log("  timing " + " / ".join(fns))
   times = alternate(fns, repeats, min_seconds)
@@ -409,13 +438,15 @@ def run_case(case: Case, *, repeats: int, min_seconds: float, use_torch: bool, e
   peak_best = max(peak_gflops, matmul.flops / min(times["matmul"]) / 1e9)
   row: dict[str, Any] = {
       "model": case.model, "width": case.width, "steps": case.steps, "batch": case.batch,
+      "dtype": case.dtype,
       "admm_jax_ex_per_s": case.batch / jax_s,
       "torch_ex_per_s": None, "ratio": None, "ratio_min": None, "ratio_max": None,
       "flops_per_step": flops, "admm_jax_gflop_per_s": flops / jax_s / 1e9,
       "admm_jax_pct_of_peak": 100 * flops / jax_s / 1e9 / peak,
       "matmul_peak_gflop_per_s": peak, "matmul_best_gflop_per_s": peak_best,
       "torch_gflop_per_s": None, "torch_pct_of_peak": None,
-      "compile_s": step.compile_s, "xla_memory_mb": step.memory_mb(),
+      "compile_s": step.compile_s, "compile_cache_hits": compiled.cache_hits,
+      "xla_memory_mb": step.memory_mb(),
       "recompiles": step.recompiles(), "repeats": repeats, "device_peak_mb": _device_peak_mb(),
       "torch_device": torch_device_name if use_torch else None,
       "load_avg_1m": os.getloadavg()[0],
@@ -427,6 +458,15 @@ def run_case(case: Case, *, repeats: int, min_seconds: float, use_torch: bool, e
                ratio_min=min(ratios), ratio_max=max(ratios),
                torch_gflop_per_s=flops / torch_s / 1e9,
                torch_pct_of_peak=100 * flops / torch_s / 1e9 / peak)
+  if "torch_compile" in fns:
+    ratios = [t / j for j, t in zip(times["jax"], times["torch_compile"])]
+    compiled_s = _median(times["torch_compile"])
+    row.update(torch_compile_backend=torch_compile,
+               torch_compile_ex_per_s=case.batch / compiled_s,
+               torch_compile_ratio=_median(ratios), torch_compile_ratio_min=min(ratios),
+               torch_compile_ratio_max=max(ratios),
+               torch_compile_pct_of_peak=100 * flops / compiled_s / 1e9 / peak,
+               torch_compile_first_step_s=fns["torch_compile"].first_step_s)
   if use_torch and torch_device_name == "cuda":
     import torch  # pylint: disable=import-outside-toplevel
     row["torch_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -501,6 +541,27 @@ def format_table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def format_accelerator_table(rows: list[dict[str, Any]]) -> str:
+  """The accelerator table: admm_jax against torch eager and torch.compile, per dtype, with
+  compile seconds and the share of the measured matmul peak of the row's dtype."""
+  f = lambda v, fmt: "-" if v is None else format(v, fmt)
+  head = ("| model | w | K | batch | dtype | admm_jax ex/s | torch eager ex/s | torch.compile "
+          "ex/s | vs eager | vs torch.compile | admm_jax % peak | torch.compile % peak | "
+          "matmul peak GFLOP/s | admm_jax compile s | torch.compile first step s |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in rows:
+    warm = " (cached)" if r.get("compile_cache_hits") else ""
+    lines.append(
+        f"| {r['model']} | {r['width']} | {r['steps']} | {r['batch']} | "
+        f"{r.get('dtype', 'float32')} | {r['admm_jax_ex_per_s']:,.0f} | "
+        f"{f(r.get('torch_ex_per_s'), ',.0f')} | {f(r.get('torch_compile_ex_per_s'), ',.0f')} | "
+        f"{f(r.get('ratio'), '.2f')}x | {f(r.get('torch_compile_ratio'), '.2f')}x | "
+        f"{r['admm_jax_pct_of_peak']:.1f}% | {f(r.get('torch_compile_pct_of_peak'), '.1f')}% | "
+        f"{r['matmul_peak_gflop_per_s']:,.0f} | {r['compile_s']:.1f}{warm} | "
+        f"{f(r.get('torch_compile_first_step_s'), '.1f')} |")
+  return "\n".join(lines)
+
+
 def _set_threads(threads: int | None) -> int:
   """Pins this process to `threads` cores (both XLA and torch size their pools from it)."""
   available = sorted(os.sched_getaffinity(0))
@@ -534,7 +595,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                  "ops (default 15)")
   p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc alone "
                  "(by default, on CPU, it keeps freed buffers as the command line does)")
+  p.add_argument("--torch-compile", nargs="?", const="inductor", default=None,
+                 metavar="BACKEND", help="also time the torch.compile'd twin (backend default "
+                 "inductor; aot_eager compiles fast, for smoke tests)")
+  p.add_argument("--cache", metavar="DIR", help="jax's persistent compilation cache for the "
+                 "jax side (default: none, so that compile_s is a cold compile)")
+  p.add_argument("--table", nargs="+", metavar="JSON", help="print the accelerator table of "
+                 "rows saved by --json (one file per run) and exit")
   args = p.parse_args(argv)
+  if args.table:
+    rows = [r for path in args.table for r in json.load(open(path))]
+    print(format_accelerator_table(rows))
+    return rows
+  if args.cache:
+    compilation.setup_cache(args.cache)
 
   threads = _set_threads(args.threads)
   cases = [Case.parse(c) for c in (args.cases.split(",") if args.cases else
@@ -565,7 +639,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   for case in cases:
     row = run_case(case, repeats=repeats, min_seconds=min_seconds, use_torch=use_torch,
                    extras=not args.no_extras, peak_gflops=peak, log=log,
-                   profile_top=args.profile, torch_device_name=device_name)
+                   profile_top=args.profile, torch_device_name=device_name,
+                   torch_compile=args.torch_compile)
     rows.append(row)
     log(format_table([row]).splitlines()[-1])
   info = machine_info(threads)
@@ -581,6 +656,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           f"start, median per case in the table (% peak uses it); "
           f"load average {os.getloadavg()[0]:.2f}")
     print(format_table(rows))
+    if args.torch_compile or any(r["dtype"] != "float32" for r in rows):
+      print(format_accelerator_table(rows))
     for row in rows:
       if "profile" in row:
         print(f"\nProfile of {row['model']}(w={row['width']}) PGD-{row['steps']} batch "

@@ -9,7 +9,8 @@ import this module (it needs torch: `pip install admm_jax[bench]`).
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -108,14 +109,25 @@ def build_model(name: str, width: int, in_channels: int) -> nn.Module:
   return cls(width=width, in_channels=in_channels)
 
 
-def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-               step_size: float, steps: int) -> torch.Tensor:
-  """The authors' eager PGD: random start, `steps` x (autograd.grad, signed step, clip)."""
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> Any:
+  """torch's mixed precision for a compute dtype (None or float32: a no-op context)."""
+  if dtype is None or dtype == torch.float32:
+    return contextlib.nullcontext()
+  return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def pgd_attack(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+               y: torch.Tensor, *, eps: float, step_size: float, steps: int,
+               compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+  """The authors' eager PGD: random start, `steps` x (autograd.grad, signed step, clip).
+
+  `compute_dtype` bfloat16 runs the model under autocast; the iterate stays float32.
+  """
   x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0.0, 1.0)
   for _ in range(steps):
     x_adv.requires_grad_()
-    with torch.enable_grad():
-      loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+    with torch.enable_grad(), autocast(x.device, compute_dtype):
+      loss = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
     grad = torch.autograd.grad(loss, [x_adv])[0]
     x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
     x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
@@ -128,12 +140,20 @@ class TorchADMMTrainer:
   ADMM variables Z (projection of the weights at init) and U (zeros) for every conv/linear
   weight; the step adds rho/2 ||W - Z + U||^2 to the loss. Z/U updates happen once per ADMM
   epoch in the authors' code, outside the step, and are not timed here.
+
+  `compile_backend` (e.g. "inductor", torch.compile's default) runs every forward pass through
+  `torch.compile(model)`, what a GPU user would write today; `compute_dtype` bfloat16 runs
+  them under autocast (weights, optimizer state, Z/U and the PGD iterate stay float32).
   """
 
   def __init__(self, model: nn.Module, *, eps: float, step_size: float, steps: int,
                lr: float = 0.01, momentum: float = 0.9, rho: float = 1e-3,
-               prune_ratio: float = 0.8):
+               prune_ratio: float = 0.8, compile_backend: str | None = None,
+               compute_dtype: torch.dtype | None = None):
     self.model = model
+    self.forward = model if compile_backend is None else torch.compile(model,
+                                                                         backend=compile_backend)
+    self.compute_dtype = compute_dtype
     self.eps, self.step_size, self.steps, self.rho = eps, step_size, steps, rho
     self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     self.pruned = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -154,9 +174,11 @@ class TorchADMMTrainer:
   def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """PGD on (x, y) in train mode, then one SGD step on CE(adv) + ADMM penalty; returns loss."""
     self.model.train()
-    x_adv = pgd_attack(self.model, x, y, eps=self.eps, step_size=self.step_size,
-                       steps=self.steps)
-    loss = F.cross_entropy(self.model(x_adv), y) + self.admm_loss()
+    x_adv = pgd_attack(self.forward, x, y, eps=self.eps, step_size=self.step_size,
+                       steps=self.steps, compute_dtype=self.compute_dtype)
+    with autocast(x.device, self.compute_dtype):
+      logits = self.forward(x_adv).float()
+    loss = F.cross_entropy(logits, y) + self.admm_loss()
     self.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     self.optimizer.step()

@@ -15,8 +15,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = configlib.base_config()
   # After each stage, APGD-CE then APGD-T (AutoAttack without FAB-T and Square) on the first
   # 1000 test examples, with the sanity checks on 200: about +100 % on the run's time (each
-  # stage's evaluation costs about a third of the whole training, docs/evaluation.md). Full AutoAttack is ~5x slower here (FAB-T, Square): run it with
-  # python -m admm_jax.evaluate. 'apgd-ce,apgd-dlr' costs a quarter as much.
+  # stage's evaluation costs about a third of the whole training, docs/evaluation.md). Full
+  # AutoAttack is ~5x slower here (FAB-T, Square): run it with python -m admm_jax.evaluate.
+  # 'apgd-ce,apgd-dlr' costs a quarter as much.
   c.eval.update(final_attack="apgd-ce,apgd-t", final_limit=1000)
   if arg == "tiny":
     c.eval.final_attack = ""  # the smoke run stays under a minute

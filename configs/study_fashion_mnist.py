@@ -3,7 +3,8 @@
 Run:   python -m admm_jax.study --config=configs/study_fashion_mnist.py --workdir=runs/study
 Quick: python -m admm_jax.study --config=configs/study_fashion_mnist.py:quick \
          --workdir=runs/study_quick           (the same grid on less data: under 12 minutes)
-Rerun the same command to resume; see admm_jax/app/study.py for the cells and docs/study.md for the report.
+Rerun the same command to resume; see admm_jax/app/study.py for the cells and docs/study.md for
+the report.
 
 One recipe for every cell: the offline default (configs/fashion_mnist_lenet.py: PGD-5 training,
 PGD-10 evaluation at eps 0.1; pretrain 3, admm 2, retrain 2 epochs) on 10,000 training

@@ -1,7 +1,8 @@
 """The one command-line runner of every entry point (main, study, evaluate, export, plot):
 absl flags where a bad flag or config value is one sentence and exit code 2, logging set up
-the same way, a `UserError` printed as one sentence with its exit code, and the explicit
-malloc opt-in on CPU.
+the same way, jax's persistent compilation cache (`compilation.setup_cache`: a resumed or
+repeated command compiles nothing it compiled before), a `UserError` printed as one sentence
+with its exit code, and the explicit malloc opt-in on CPU.
 
 An entry point defines its flags, then calls `run(main, required=[...])`:
 
@@ -19,6 +20,7 @@ from typing import Callable, Sequence
 
 from absl import app, flags
 
+from admm_jax.app import compilation
 from admm_jax.app.errors import UserError
 
 
@@ -35,6 +37,7 @@ def _run_main(main: Callable[[], None], argv: list[str]) -> None:
           "(--name=value).", file=sys.stderr)
     sys.exit(2)
   setup_logging()
+  compilation.setup_cache()   # before the first computation (a config update, no backend)
   try:
     main()
   except UserError as e:

@@ -24,6 +24,7 @@ SCHEDULES = ("constant", "cosine", "steps", "admm")
 LOCAL_DATASETS = ("mnist", "fashion_mnist")   # IDX files in data.dir; with data.dir='' any TFDS
 _TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[a-z0-9_.]+)?(:[0-9.*]+)?")  # image dataset by name
 MODELS = tuple(models.REGISTRY)   # the model registry's names
+DTYPES = ("float32", "bfloat16")   # model.dtype: the compute dtype
 # Upper bounds for values that cannot work beyond them (memory, hours per step, int32 steps).
 MAX_WIDTH = 1024           # LeNet/VGG/ResNet width multiplier (16 is the paper's full size)
 MAX_BATCH = 2**20
@@ -67,7 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
       limit_test=0,                    # evaluate on this many test examples (0 = all)
       augment="none",                  # none | cifar (random crop 32 pad 4 + flip)
   ))
-  c.model = ml_collections.ConfigDict(dict(name="lenet", width=2, conv_impl="auto"))
+  # dtype: the compute dtype (float32 | bfloat16): activations and matmuls; parameters, optimizer
+  # state, ADMM's Z/U, the projections, losses and attack iterates stay float32.
+  c.model = ml_collections.ConfigDict(dict(name="lenet", width=2, conv_impl="auto",
+                                           dtype="float32"))
   c.attack = ml_collections.ConfigDict(dict(
       kind="pgd",              # training attack: pgd | fgsm | none
       eps=0.1,                 # Linf radius, inputs in [0, 1]
@@ -236,6 +240,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.conv_impl not in CONV_IMPLS:
     _fail("model.conv_impl", config.model.conv_impl,
           f"use one of {', '.join(CONV_IMPLS)} (see admm_jax.models.conv_module)")
+  if config.model.dtype not in DTYPES:
+    _fail("model.dtype", config.model.dtype, f"use one of {', '.join(DTYPES)} (bfloat16: "
+          "activations and matmuls in bfloat16, parameters and optimizer state in float32)")
   if config.attack.kind not in ("pgd", "fgsm", "none"):
     _fail("attack.kind", config.attack.kind, "use 'pgd', 'fgsm' or 'none'")
   _number(config, "attack.eps", 0.0, 1.0)

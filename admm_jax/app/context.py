@@ -46,7 +46,8 @@ class Context:
 
   def model(self, width: int):
     return models.get_model(self.config.model.name, width, self.dataset.num_classes,
-                            conv_impl=self.config.model.conv_impl)
+                            conv_impl=self.config.model.conv_impl,
+                            dtype=self.config.model.dtype)
 
   def key(self, *purpose: str) -> jax.Array:
     return purpose_key(self.root_key, *purpose)

@@ -7,8 +7,6 @@ Layout of a study workdir:
   study.json      every cell: kind, seed, config overrides, status, results, report path
   report.md       the paper's four findings, each a table "claim | measured here | holds?"
   plots/*.png     the plots the report rests on (study_report)
-  jax_cache/      the command line's XLA compilation cache (unless JAX_COMPILATION_CACHE_DIR
-                  is set): the cells of every seed and scheme compile each program once
 
 Cell kinds (one recipe, `config.run`, for all of them; a cell only overrides what defines it):
   capacity    dense adversarial training (pretrain) at every width of `config.widths`;

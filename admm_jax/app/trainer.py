@@ -30,8 +30,8 @@ import optax
 from flax import struct
 
 from admm_jax import sparsity, transforms
-from admm_jax.app import (checkpoint, configlib, data, evaluate, parallel, reliability, reports,
-                          stages, train)
+from admm_jax.app import (checkpoint, compilation, configlib, data, evaluate, parallel,
+                          reliability, reports, stages, train)
 from admm_jax.app.context import Context, load_output, make_context
 from admm_jax.app.workdir import (StagePaths, WorkdirError, prepare_workdir, stage_paths,
                                   write_json_atomic)
@@ -344,6 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   disk is one sentence (reliability.RunStopped and its exit code).
   """
   configlib.validate(config)  # a bad config touches nothing, not even the lock
+  compiled_before = compilation.COUNTER.snapshot()
   workdir, stops = prepare_workdir(workdir), reliability.StopRequests(config.log_every_steps)
   with (reliability.workdir_lock(workdir), stops.installed(),
         reliability.disk_errors(f"writing to the workdir {workdir}")):
@@ -355,6 +356,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if config.eval.final_attack:  # AutoAttack-grade evaluation of the stage's output
           records[name] = {**records[name], **evaluate.final_evaluation(ctx, name)}
         report = reports.run_report(config, ctx.dataset, ctx.runtime.describe(), records)
+        # This process's compilations (a warm persistent cache: compiled 0, all cache hits).
+        report["compilation"] = {
+            **(compilation.COUNTER.snapshot() - compiled_before).to_dict(),
+            "cache_dir": compilation.cache_in_use()}
         if ctx.is_writer:
           write_json_atomic(os.path.join(workdir, "report.json"), report)
     finally:

@@ -511,6 +511,9 @@ class Conv(nn.Module):
       "toeplitz"; see `resolve_conv_impl` and `cpu_conv_impl`. "fft" needs stride 1.
     kernel_init: initialiser of the kernel.
     bias_init: initialiser of the bias.
+    dtype: the compute dtype (None: the input's); the parameters stay float32 and are cast.
+      In bfloat16 "auto" never picks "fft": its DFTs would round every transform to
+      bfloat16, an error relative to the largest output instead of to each output.
   """
   features: int
   kernel_size: tuple[int, int] = (3, 3)
@@ -520,6 +523,7 @@ class Conv(nn.Module):
   impl: str = "auto"
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros_init()
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -528,7 +532,10 @@ class Conv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
     out_hw = _output_hw(x.shape[1:3], (kh, kw), self.strides, self.padding)
     impl = resolve_conv_impl(self.impl, out_hw, kernel.shape, self.strides)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    if impl == "fft" and self.impl == "auto" and x.dtype != jnp.float32:
+      impl = "im2col"
     y = CONV_FNS[impl](x, kernel, self.strides, self.padding)
     if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,))
+      y = y + self.param("bias", self.bias_init, (self.features,)).astype(y.dtype)
     return y

@@ -8,6 +8,7 @@ need `variables['batch_stats']` and, when `train=True`, `mutable=['batch_stats']
 import dataclasses
 from typing import Any, Callable
 
+import jax.numpy as jnp
 from flax import linen as nn
 
 from admm_jax.models import lenet, resnet, vgg
@@ -25,6 +26,10 @@ class ModelEntry:
   module: type[nn.Module]             # the flax module class
   input_shape: tuple[int, int, int]   # (H, W, C) of the paper's dataset for this model
   build_graph: Callable[[Any, nn.Module], None]   # appends its layers to a graph.Builder
+
+
+# Compute dtypes a model runs in (`config.model.dtype`).
+COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 REGISTRY: dict[str, ModelEntry] = {e.name: e for e in (
@@ -49,7 +54,7 @@ def entry_of(model: nn.Module) -> ModelEntry | None:
 
 
 def get_model(name: str, width: int, num_classes: int = 10, conv_impl: str = "xla",
-              **kwargs: Any) -> nn.Module:
+              dtype: str | Any = "float32", **kwargs: Any) -> nn.Module:
   """Builds a model by name.
 
   Args:
@@ -58,13 +63,18 @@ def get_model(name: str, width: int, num_classes: int = 10, conv_impl: str = "xl
     num_classes: number of logits.
     conv_impl: which convolution the model uses (`conv_module`): "xla" (`flax.linen.Conv`),
       "auto" (the CPU kernels on the CPU backend, XLA elsewhere) or one CPU kernel by name.
+    dtype: the compute dtype, "float32" or "bfloat16" (`config.model.dtype`): activations
+      and matmuls in it; parameters, BatchNorm statistics and the logits stay float32.
     **kwargs: further model attributes (input_mean, input_std, or `conv` itself).
 
   Returns:
     The (unbound) flax module.
   """
   kwargs.setdefault("conv", conv_module(conv_impl))
-  return entry(name).module(width=width, num_classes=num_classes, **kwargs)
+  dtype = jnp.dtype(dtype)
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"model dtype {dtype.name!r} is not supported: use float32 or bfloat16.")
+  return entry(name).module(width=width, num_classes=num_classes, dtype=dtype, **kwargs)
 
 
 def has_batch_norm(name: str) -> bool:
@@ -72,6 +82,6 @@ def has_batch_norm(name: str) -> bool:
   return entry(name).module.has_batch_norm
 
 
-__all__ = ["BasicBlock", "ConvDef", "LeNet", "MODELS", "ModelEntry", "REGISTRY", "ResNet18",
-           "VGG16", "conv_module", "entry", "entry_of", "get_model", "has_batch_norm",
+__all__ = ["BasicBlock", "COMPUTE_DTYPES", "ConvDef", "LeNet", "MODELS", "ModelEntry", "REGISTRY",
+           "ResNet18", "VGG16", "conv_module", "entry", "entry_of", "get_model", "has_batch_norm",
            "lenet_param_count", "max_pool_2x2", "normalize_input", "relu_max_pool_2x2"]

@@ -3,6 +3,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from admm_jax.models.layers import ConvDef, normalize_input, relu_max_pool_2x2
@@ -21,12 +22,15 @@ class LeNet(nn.Module):
     conv: the convolution module (`flax.linen.Conv`, or see `layers.conv_module`).
     input_mean: optional per-channel mean subtracted inside the model (off by default).
     input_std: optional per-channel std divided inside the model (off by default).
+    dtype: the compute dtype of activations and matmuls (float32 or bfloat16); parameters
+      stay float32 and the logits are returned in float32.
   """
   width: int = 1
   num_classes: int = 10
   conv: ConvDef = nn.Conv
   input_mean: Sequence[float] | None = None
   input_std: Sequence[float] | None = None
+  dtype: jnp.dtype = jnp.float32
 
   has_batch_norm: ClassVar[bool] = False
 
@@ -40,12 +44,13 @@ class LeNet(nn.Module):
     if self.width < 1:
       raise ValueError(f"LeNet width must be >= 1, got {self.width}.")
     w = self.width
-    x = normalize_input(x, self.input_mean, self.input_std)
-    x = relu_max_pool_2x2(self.conv(2 * w, (5, 5), name="conv1")(x))
-    x = relu_max_pool_2x2(self.conv(4 * w, (5, 5), name="conv2")(x))
+    dt = self.dtype
+    x = normalize_input(x, self.input_mean, self.input_std).astype(dt)
+    x = relu_max_pool_2x2(self.conv(2 * w, (5, 5), dtype=dt, name="conv1")(x))
+    x = relu_max_pool_2x2(self.conv(4 * w, (5, 5), dtype=dt, name="conv2")(x))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(64 * w, name="fc1")(x))
-    return nn.Dense(self.num_classes, name="fc2")(x)
+    x = nn.relu(nn.Dense(64 * w, dtype=dt, name="fc1")(x))
+    return nn.Dense(self.num_classes, dtype=dt, name="fc2")(x).astype(jnp.float32)
 
 
 def lenet_param_count(width: int, in_channels: int = 1, num_classes: int = 10) -> int:

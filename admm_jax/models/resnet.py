@@ -16,8 +16,10 @@ _STAGES: tuple[tuple[int, int], ...] = ((4, 1), (8, 2), (16, 2), (32, 2))
 _BLOCKS_PER_STAGE = 2
 
 
-def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+def _batch_norm(train: bool, name: str, dtype: jnp.dtype = jnp.float32) -> nn.BatchNorm:
+  # Flax computes the batch statistics in float32 whatever `dtype` is.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                      name=name)
 
 
 class BasicBlock(nn.Module):
@@ -31,25 +33,27 @@ class BasicBlock(nn.Module):
     features: output channels.
     strides: stride of conv1 and of the shortcut conv.
     conv: the convolution module (`flax.linen.Conv`, or see `layers.conv_module`).
+    dtype: the compute dtype (float32 or bfloat16); parameters stay float32.
   """
   features: int
   strides: int = 1
   conv: ConvDef = nn.Conv
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Applies the block to `x` (B, H, W, cin); returns (B, H / strides, W / strides, features)."""
-    s = (self.strides, self.strides)
+    s, dt = (self.strides, self.strides), self.dtype
     y = self.conv(self.features, (3, 3), strides=s, use_bias=False, kernel_init=_CONV_INIT,
-                  name="conv1")(x)
-    y = nn.relu(_batch_norm(train, "bn1")(y))
-    y = self.conv(self.features, (3, 3), use_bias=False, kernel_init=_CONV_INIT,
+                  dtype=dt, name="conv1")(x)
+    y = nn.relu(_batch_norm(train, "bn1", dt)(y))
+    y = self.conv(self.features, (3, 3), use_bias=False, kernel_init=_CONV_INIT, dtype=dt,
                   name="conv2")(y)
-    y = _batch_norm(train, "bn2")(y)
+    y = _batch_norm(train, "bn2", dt)(y)
     if self.strides != 1 or x.shape[-1] != self.features:
       x = self.conv(self.features, (1, 1), strides=s, use_bias=False, kernel_init=_CONV_INIT,
-                    name="shortcut_conv")(x)
-      x = _batch_norm(train, "shortcut_bn")(x)
+                    dtype=dt, name="shortcut_conv")(x)
+      x = _batch_norm(train, "shortcut_bn", dt)(x)
     return nn.relu(y + x)
 
 
@@ -69,12 +73,15 @@ class ResNet18(nn.Module):
     conv: the convolution module (`flax.linen.Conv`, or see `layers.conv_module`).
     input_mean: optional per-channel mean subtracted inside the model (off by default).
     input_std: optional per-channel std divided inside the model (off by default).
+    dtype: the compute dtype of activations and matmuls (float32 or bfloat16); parameters,
+      BatchNorm statistics and the returned logits stay float32.
   """
   width: int = 16
   num_classes: int = 10
   conv: ConvDef = nn.Conv
   input_mean: Sequence[float] | None = None
   input_std: Sequence[float] | None = None
+  dtype: jnp.dtype = jnp.float32
 
   has_batch_norm: ClassVar[bool] = True
 
@@ -89,16 +96,17 @@ class ResNet18(nn.Module):
     """
     if self.width < 1:
       raise ValueError(f"ResNet18 width must be >= 1, got {self.width}.")
-    x = normalize_input(x, self.input_mean, self.input_std)
-    x = self.conv(4 * self.width, (3, 3), use_bias=False, kernel_init=_CONV_INIT,
+    dt = self.dtype
+    x = normalize_input(x, self.input_mean, self.input_std).astype(dt)
+    x = self.conv(4 * self.width, (3, 3), use_bias=False, kernel_init=_CONV_INIT, dtype=dt,
                   name="conv1")(x)
-    x = nn.relu(_batch_norm(train, "bn1")(x))
+    x = nn.relu(_batch_norm(train, "bn1", dt)(x))
     for stage, (channels, first_stride) in enumerate(_STAGES, start=1):
       for b in range(_BLOCKS_PER_STAGE):
         x = BasicBlock(channels * self.width, first_stride if b == 0 else 1,
-                       conv=self.conv, name=f"layer{stage}_{b}")(x, train)
+                       conv=self.conv, dtype=dt, name=f"layer{stage}_{b}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name="fc")(x)
+    return nn.Dense(self.num_classes, dtype=dt, name="fc")(x).astype(jnp.float32)
 
 
 def build_graph(b, model: ResNet18) -> None:

@@ -3,6 +3,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from admm_jax.models.layers import ConvDef, normalize_input, relu_max_pool_2x2
@@ -34,12 +35,15 @@ class VGG16(nn.Module):
     conv: the convolution module (`flax.linen.Conv`, or see `layers.conv_module`).
     input_mean: optional per-channel mean subtracted inside the model (off by default).
     input_std: optional per-channel std divided inside the model (off by default).
+    dtype: the compute dtype of activations and matmuls (float32 or bfloat16); parameters,
+      BatchNorm statistics and the returned logits stay float32.
   """
   width: int = 16
   num_classes: int = 10
   conv: ConvDef = nn.Conv
   input_mean: Sequence[float] | None = None
   input_std: Sequence[float] | None = None
+  dtype: jnp.dtype = jnp.float32
 
   has_batch_norm: ClassVar[bool] = True
 
@@ -54,7 +58,8 @@ class VGG16(nn.Module):
     """
     if self.width < 1:
       raise ValueError(f"VGG16 width must be >= 1, got {self.width}.")
-    x = normalize_input(x, self.input_mean, self.input_std)
+    dt = self.dtype
+    x = normalize_input(x, self.input_mean, self.input_std).astype(dt)
     i = 0
     for c, next_c in zip(VGG16_CFG, VGG16_CFG[1:] + (None,)):
       if c == "M":
@@ -62,13 +67,13 @@ class VGG16(nn.Module):
         continue
       i += 1
       x = self.conv(vgg_channels(c, self.width), (3, 3), use_bias=False,
-                    kernel_init=_CONV_INIT, name=f"conv{i}")(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                    kernel_init=_CONV_INIT, dtype=dt, name=f"conv{i}")(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dt,
                        name=f"bn{i}")(x)
       if next_c != "M":
         x = nn.relu(x)
     x = x.reshape(x.shape[0], -1)
-    return nn.Dense(self.num_classes, name="fc")(x)
+    return nn.Dense(self.num_classes, dtype=dt, name="fc")(x).astype(jnp.float32)
 
 
 def build_graph(b, model: VGG16) -> None:

@@ -136,3 +136,45 @@ def test_torch_trainer_step_runs_and_keeps_the_attack_in_the_box():
   assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
   trainer = bench_torch.TorchADMMTrainer(tmodel, eps=0.3, step_size=0.01, steps=2)
   assert np.isfinite(float(trainer.step(x, y)))
+
+
+def test_case_parse_dtype():
+  assert bench.Case.parse("vgg16:16:10:512:bf16") == bench.Case("vgg16", 16, 10, 512, "bfloat16")
+  assert bench.Case.parse("lenet:4:10:128:float32").dtype == "float32"
+  with pytest.raises(ValueError, match="dtype 'fp16' is unknown"):
+    bench.Case.parse("lenet:4:10:128:fp16")
+
+
+def test_bfloat16_row_against_torch_compile():
+  # The accelerator table's row on CPU at toy size: bfloat16 on both sides (autocast in
+  # torch), the torch.compile'd twin timed beside eager (aot_eager: compiles in seconds).
+  _torch()
+  case = bench.Case.parse("lenet:1:1:8:bf16")
+  row = bench.run_case(case, repeats=1, min_seconds=0.01, use_torch=True, extras=False,
+                       peak_gflops=1.0, log=lambda _: None, torch_device_name="cpu",
+                       torch_compile="aot_eager")
+  assert row["dtype"] == "bfloat16" and row["torch_compile_backend"] == "aot_eager"
+  for k in ("admm_jax_ex_per_s", "torch_ex_per_s", "torch_compile_ex_per_s",
+            "torch_compile_ratio", "torch_compile_pct_of_peak", "torch_compile_first_step_s"):
+    assert row[k] > 0, (k, row[k])
+  line = bench.format_accelerator_table([row]).splitlines()[-1]
+  assert "| bfloat16 |" in line and line.count("x |") == 2
+
+
+def test_gpu_script_writes_rows_resumes_and_prints_the_table(tmp_path):
+  # benchmarks/gpu_bench.sh at toy size on CPU (no torch: the row's torch side is tested
+  # above): a row per case, skipped when run again, and the table.
+  env = dict(os.environ, CASES="lenet:1:1:8:bf16", TORCH_COMPILE="none", PYTHON=sys.executable,
+             BENCH_ARGS="--repeats 1 --min-seconds 0.01 --no-torch")
+  env.pop("XLA_FLAGS", None)
+  script = os.path.join(os.path.dirname(BENCH), "gpu_bench.sh")
+  out = tmp_path / "gpu"
+  first = subprocess.run(["bash", script, str(out)], capture_output=True, text=True, env=env,
+                         timeout=300, check=False, cwd=os.path.dirname(os.path.dirname(BENCH)))
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert json.loads((out / "lenet_1_1_8_bf16.json").read_text())[0]["dtype"] == "bfloat16"
+  assert "| lenet | 1 | 1 | 8 | bfloat16 |" in first.stdout
+  again = subprocess.run(["bash", script, str(out)], capture_output=True, text=True, env=env,
+                         timeout=120, check=False)
+  assert again.returncode == 0 and "done earlier" in again.stderr
+  assert again.stdout == first.stdout
