@@ -49,7 +49,9 @@ def run_report(config, dataset, devices: dict[str, Any], records: dict[str, dict
   report = {
       "config": json.loads(config.to_json_best_effort()),
       "dataset": {"name": dataset.name, "train": len(dataset.train),
-                  "validation": len(dataset.validation), "test": len(dataset.test)},
+                  "validation": len(dataset.validation), "test": len(dataset.test),
+                  # train + validation: the labelled examples the run learnt or selected from
+                  "labelled_examples": len(dataset.train) + len(dataset.validation)},
       "attack": {"eps": a.eps, "steps": a.eval_steps, "step_size": a.eval_step_size,
                  "norm": "linf", "random_start": True,
                  "train": {"kind": a.kind, "steps": a.steps, "step_size": a.step_size,

@@ -23,6 +23,17 @@ def test_config_is_the_budget_plus_overrides_and_validates():
   assert config.sparsity == rb.SCHEMES["filter"]
 
 
+def test_budget_is_20000_labelled_examples_in_all_and_the_full_test_split():
+  config = rb.make_config(0, {})
+  assert config.data.validation_in_limit and config.data.limit_train == rb.LABELLED
+  sizes = rb.check_data(config)
+  assert sizes == {"train": 18000, "validation": 2000, "test": 10000, "labelled_examples": 20000}
+  with pytest.raises(SystemExit, match="gives 20000 labelled .* and 500 test"):
+    rb.check_data(rb.make_config(0, {"data.limit_test": 500}))
+  with pytest.raises(SystemExit, match="gives 22000 labelled"):
+    rb.check_data(rb.make_config(0, {"data.validation_in_limit": False}))
+
+
 def test_bad_override_is_one_sentence():
   with pytest.raises(SystemExit, match="not field=value"):
     rb.parse_overrides(["admm.rho"])
@@ -50,5 +61,9 @@ def test_collect_takes_mean_and_spread_over_seeds_and_the_table_shows_the_refere
   assert summary["irregular"]["after_hard_prune"]["natural"][0] == pytest.approx(40.0)
   assert summary["irregular"]["admm_max_relative_residual"][0] == pytest.approx(0.2)
   text = rb.table(summary, [0, 1, 2])
+  assert "data: unknown" in text  # these fake reports name no dataset
+  summary["data"] = {"train": 18000, "validation": 2000, "test": 10000, "labelled_examples": 20000}
+  text = rb.table(summary, [0, 1, 2])
+  assert "20,000 labelled examples per run (18,000 train + 2,000 validation), 10,000 test" in text
   assert "68.67 +- 0.74" in text and "62.00 +-" in text and "hard-pruned" in text
   assert "32.07" in text  # the reference's accuracy right after hard pruning
