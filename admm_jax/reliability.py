@@ -9,7 +9,9 @@ its `exit_code`).
 * `StopRequests`: SIGTERM / SIGINT set a flag that the loop reads at step boundaries, then
   it checkpoints and stops (exit 128 + signal). Multi-host: JAX's preemption service owns
   SIGTERM (its sync point makes every process stop at the same step); a Ctrl-C on any
-  process is agreed on at logging intervals.
+  process is agreed on at logging intervals. Evaluations read the same flag between batches,
+  and a jitted attack reads it inside its loops (`stop_signalled`, through a host callback:
+  admm_jax.evaluate), so a stop during a long attack is prompt too.
 * `check_finite`: a NaN/Inf loss or weight stops the stage before anything non-finite is
   saved.
 * `chance_warnings`: a stage whose accuracy ends at chance level says so.
@@ -194,6 +196,16 @@ def _preemption_service() -> bool:
   return distributed.global_state.preemption_sync_manager is not None
 
 
+# The StopRequests installed now (innermost last): what `stop_signalled` reads.
+_INSTALLED: list[StopRequests] = []
+
+
+def stop_signalled() -> bool:
+  """Has an installed StopRequests seen SIGTERM/SIGINT? This process's view, no agreement
+  across processes: for host callbacks inside jitted code (cheap: one attribute read)."""
+  return any(s.signum is not None for s in _INSTALLED)
+
+
 class StopRequests:
   """SIGTERM / SIGINT -> a flag read at step boundaries (`requested`), never mid-step.
 
@@ -221,9 +233,11 @@ class StopRequests:
         previous[s] = signal.signal(s, self._handle)
     except ValueError:  # not the main thread: leave signals alone
       pass
+    _INSTALLED.append(self)
     try:
       yield self
     finally:
+      _INSTALLED.remove(self)
       for s, handler in previous.items():
         signal.signal(s, handler)
 
@@ -245,9 +259,13 @@ class StopRequests:
 
   def stop(self, stage: str, step: int) -> None:
     """Raises Interrupted: the loop has just saved `step`."""
+    self.stop_where(f"{stage} stopped at step {step} with a checkpoint")
+
+  def stop_where(self, what: str) -> None:
+    """Raises Interrupted: "<SIGNAL> received: <what>; run the same command again to resume."."""
     name = signal.Signals(self.signum or signal.SIGTERM).name
-    raise Interrupted(f"{name} received: {stage} stopped at step {step} with a checkpoint; "
-                      "run the same command again to resume.", self.signum or signal.SIGTERM)
+    raise Interrupted(f"{name} received: {what}; run the same command again to resume.",
+                      self.signum or signal.SIGTERM)
 
 
 # ------------------------------------------------------------------ numerical guards
