@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any, Sequence
@@ -116,16 +115,20 @@ def _jit_per_batch(rt: parallel.Runtime, per_batch, cache_key: tuple):
 
 
 def _stop_flag(*_) -> np.ndarray:
-  return np.asarray(reliability.stop_signalled())
+  return np.asarray(reliability.stop_signalled() is not None)
 
 
-def _read_stop(after: jax.Array) -> jax.Array:
-  """The host's stop flag as a traced bool, read once `after` is computed (a data dependency:
-  unordered callbacks may otherwise run at any point of the program)."""
+def _read_stop(after: jax.Array | None = None) -> jax.Array:
+  """The host's stop flag as a traced bool. With `after`, read once `after` is computed (a
+  data dependency through one scalar: an unordered callback may otherwise run at any point of
+  the program); without, wherever it stands (in a loop body: every iteration, as a callback
+  has side effects and is never hoisted out of a loop)."""
   if jax.process_count() > 1:  # processes would disagree: they stop between batches only
     return jnp.zeros([], bool)
-  probe = jax.lax.stop_gradient(jnp.ravel(after)[:1])  # no tangent reaches the callback
-  return io_callback(_stop_flag, jax.ShapeDtypeStruct((), jnp.bool_), probe)
+  shape = jax.ShapeDtypeStruct((), jnp.bool_)
+  if after is None:  # no operand: a sharded one would be gathered to one device every call
+    return io_callback(_stop_flag, shape)
+  return io_callback(_stop_flag, shape, jax.lax.stop_gradient(jnp.any(after)))
 
 
 def _stoppable(apply_fn):
@@ -133,7 +136,7 @@ def _stoppable(apply_fn):
   so that a long attack's remaining iterations are nearly free (see the module docstring)."""
   def apply(params, x):
     shape = jax.eval_shape(apply_fn, params, x)
-    return jax.lax.cond(_read_stop(x), lambda p, x: jnp.zeros(shape.shape, shape.dtype),
+    return jax.lax.cond(_read_stop(), lambda p, x: jnp.zeros(shape.shape, shape.dtype),
                         apply_fn, params, x)
   return apply
 
@@ -231,7 +234,6 @@ def _await(tree: Any) -> Any:
 def _stop(ctx: trainer.Context, what: str, where: str, finished: int, folder: str | None):
   """Raises reliability.Interrupted for an evaluation stopped `where` ("at batch 3/10")."""
   kept = f", the {finished} finished batches kept in {folder}" if folder and finished else ""
-  ctx.stops.signum = ctx.stops.signum or signal.SIGTERM  # the flag may come from the callback
   ctx.stops.stop_where(f"{what or 'the evaluation'} stopped {where}{kept}")
 
 
@@ -270,6 +272,7 @@ def _run_batches(ctx: trainer.Context, fn, params, batch_stats, examples: data.E
     if path and ctx.is_writer:
       _save_batch(path, result)
     out.append(result)
+    done, n_new = done + real, n_new + real
     if i + 1 < len(batches) and ctx.stops.requested(i):  # the same batch on every process
       _stop(ctx, what, f"after batch {i + 1}/{len(batches)}", i + 1, folder)
     if what:

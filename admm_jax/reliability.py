@@ -200,10 +200,15 @@ def _preemption_service() -> bool:
 _INSTALLED: list[StopRequests] = []
 
 
-def stop_signalled() -> bool:
-  """Has an installed StopRequests seen SIGTERM/SIGINT? This process's view, no agreement
-  across processes: for host callbacks inside jitted code (cheap: one attribute read)."""
-  return any(s.signum is not None for s in _INSTALLED)
+def stop_signalled() -> int | None:
+  """The SIGTERM/SIGINT an installed StopRequests has seen, else None; from any thread, also
+  while the main thread is blocked in a computation (`StopRequests.seen`). This process's
+  view, no agreement across processes: for host callbacks inside jitted code."""
+  for s in _INSTALLED:
+    signum = s.seen()
+    if signum is not None:
+      return signum
+  return None
 
 
 class StopRequests:
@@ -216,6 +221,27 @@ class StopRequests:
     self.signum: int | None = None
     self.agree_every = max(1, agree_every)
     self._calls = 0
+    self._wakeup: int | None = None   # read end of the signal wakeup pipe, while installed
+    self._seen: int | None = None
+    self._signals: tuple[int, ...] = ()
+
+  def seen(self) -> int | None:
+    """The stop signal received so far, from any thread (cheap: a non-blocking read).
+
+    Python runs signal handlers in the main thread between bytecodes, so while the main
+    thread waits in a computation (on CPU a program with host callbacks runs synchronously)
+    `signum` stays unset; the C-level handler writes the signal's number to the wakeup pipe
+    at once (signal.set_wakeup_fd), which a callback on an XLA thread can read.
+    """
+    if self.signum is not None:
+      return self.signum
+    if self._seen is None and self._wakeup is not None:
+      try:
+        data = os.read(self._wakeup, 64)
+      except OSError:  # empty (EAGAIN) or closed
+        data = b""
+      self._seen = next((b for b in data if b in self._signals), None)
+    return self._seen
 
   def _handle(self, signum, frame):
     del frame
@@ -227,10 +253,15 @@ class StopRequests:
   def installed(self) -> Iterator[StopRequests]:
     """Handles SIGTERM/SIGINT during the block (main thread only), then restores handlers."""
     signals = [signal.SIGINT] + ([] if _preemption_service() else [signal.SIGTERM])
-    previous = {}
+    previous, pipe, previous_fd = {}, None, -1
     try:
       for s in signals:
         previous[s] = signal.signal(s, self._handle)
+      pipe = os.pipe()
+      for fd in pipe:
+        os.set_blocking(fd, False)
+      previous_fd = signal.set_wakeup_fd(pipe[1], warn_on_full_buffer=False)
+      self._wakeup, self._signals = pipe[0], tuple(int(s) for s in signals)
     except ValueError:  # not the main thread: leave signals alone
       pass
     _INSTALLED.append(self)
@@ -238,6 +269,11 @@ class StopRequests:
       yield self
     finally:
       _INSTALLED.remove(self)
+      if self._wakeup is not None:
+        signal.set_wakeup_fd(previous_fd)
+        self._wakeup = None
+      for fd in pipe or ():
+        os.close(fd)
       for s, handler in previous.items():
         signal.signal(s, handler)
 
@@ -263,9 +299,9 @@ class StopRequests:
 
   def stop_where(self, what: str) -> None:
     """Raises Interrupted: "<SIGNAL> received: <what>; run the same command again to resume."."""
-    name = signal.Signals(self.signum or signal.SIGTERM).name
-    raise Interrupted(f"{name} received: {what}; run the same command again to resume.",
-                      self.signum or signal.SIGTERM)
+    signum = self.seen() or stop_signalled() or signal.SIGTERM
+    raise Interrupted(f"{signal.Signals(signum).name} received: {what}; run the same command "
+                      "again to resume.", signum)
 
 
 # ------------------------------------------------------------------ numerical guards

@@ -83,6 +83,10 @@ def summary(report: dict[str, Any]) -> str:
   lines = [f"{report['dataset']['name']}: test accuracy, natural / under PGD-{a['steps']} "
            f"(Linf eps {a['eps']}, step {a['step_size']}), {report['devices']['count']} "
            f"{report['devices']['platform']} device(s)"]
+  d = report["dataset"]
+  if "labelled_examples" in d:  # how much labelled data the numbers cost, said every time
+    lines.append(f"  {d['labelled_examples']} labelled examples ({d['train']} train + "
+                 f"{d['validation']} validation), {d['test']} test")
   trained = a["train"]
   if trained["objective"] != "madry":  # Madry's loss is the default the header implies
     lines.append(f"  trained with the {trained['objective']} objective (beta {trained['beta']}), "

@@ -4,6 +4,7 @@ One tiny run (pretrain only, LeNet w=1, 256 examples, one epoch) with the traine
 then in-process evaluations with cheap members (pgd, fgsm) at batch 8 (8 forced devices).
 """
 import json
+import logging
 import os
 import shutil
 import signal
@@ -268,7 +269,7 @@ def _partial(workdir):
 
 @pytest.mark.slow
 def test_sigterm_during_the_evaluation_hook_stops_within_seconds_and_resumes_to_the_same_numbers(
-    run, clean_apgd_t, tmp_path):
+    run, clean_apgd_t, tmp_path, caplog):
   workdir = str(tmp_path / "w")
   shutil.copytree(run[0], workdir)
   thread, sent = _signal_when(os.path.join(_partial(workdir), "batch_000000.npz"),
@@ -286,7 +287,9 @@ def test_sigterm_during_the_evaluation_hook_stops_within_seconds_and_resumes_to_
   assert sorted(f for f in os.listdir(_partial(workdir)) if f.startswith("batch_")) == \
       ["batch_000000.npz"]   # the batch the signal cut short is not kept
   assert not os.path.exists(os.path.join(workdir, reliability.LOCK_FILE))
+  caplog.set_level(logging.INFO)
   resumed = trainer.train_and_evaluate(_hook_config(), workdir)["stages"]["pretrain"]
+  assert "evaluate pretrain apgd-t: batch 2/3, 16/24 examples" in caplog.text  # 1 read back
   record, robust = clean_apgd_t
   assert resumed["apgd-t_accuracy"] == record["apgd-t_accuracy"]
   np.testing.assert_array_equal(_robust(workdir, "apgd-t"), robust)

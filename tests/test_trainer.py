@@ -85,6 +85,8 @@ def test_all_three_stages_run_and_report(finished_run):
   assert "admm_primal_residual" in lines[1]
   text = reports.summary(report)
   assert "compression" in text and "retrain" in text
+  assert report["dataset"]["labelled_examples"] == 1024 + 256   # train + validation
+  assert "1280 labelled examples (1024 train + 256 validation), 256 test" in text
   assert "right after hard pruning" in text and "ADMM end" in text
 
 
@@ -191,6 +193,19 @@ def test_changed_training_field_on_a_finished_workdir_stops_before_any_work(fini
   assert f"--config.init_from={run_dir}" in message and "another --workdir" in message
   assert "\n" not in message
   assert tree_digest(run_dir) == before
+
+
+@pytest.mark.slow
+def test_changed_field_on_a_finished_workdir_exits_2_with_one_line_from_the_command_line(
+    finished_run):
+  run_dir, _ = finished_run
+  before = tree_digest(run_dir)
+  proc = subprocess.run(_cli(run_dir, "--config.admm.rho=0.7"), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+  assert len(errors) == 1 and "admm.rho 0.5 -> 0.7" in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and tree_digest(run_dir) == before
 
 
 def test_changed_field_on_a_half_finished_workdir_stops_naming_the_running_stage(finished_run,
