@@ -223,8 +223,10 @@ def check_finished(workdir: str, stage: str) -> None:
 
 def _await(tree: Any) -> Any:
   """device_get of a dispatched computation, waiting in short sleeps: Python runs signal
-  handlers only in the main thread between bytecodes, so a main thread blocked in the
-  computation would leave the stop flag, and the attack's callback, unset until it ends."""
+  handlers only in the main thread between bytecodes, so where dispatch is asynchronous
+  (GPU, TPU) the handler runs during the batch. (On CPU a program with host callbacks runs
+  synchronously inside the call; there the callback reads the signal from the wakeup pipe,
+  reliability.StopRequests.seen.)"""
   leaves = jax.tree.leaves(tree)
   while not all(x.is_ready() for x in leaves):
     time.sleep(0.02)
