@@ -188,6 +188,23 @@ def test_held_out_examples_depend_on_the_seed_only(tmp_path):
   assert _rows(limited.train.arrays()[0]) <= _rows(full.train.arrays()[0])
 
 
+def test_validation_in_limit_carves_validation_out_of_the_training_budget(tmp_path):
+  _write_mnist_dir(tmp_path, n_train=100, n_test=30)
+  load = lambda **kw: data.load_dataset("mnist", str(tmp_path), validation_size=20, seed=3,
+                                        limit_train=50, **kw)
+  on_top, carved = load(), load(validation_in_limit=True)
+  assert (len(on_top.train), len(on_top.validation)) == (50, 20)   # 70 labelled examples
+  assert (len(carved.train), len(carved.validation)) == (30, 20)   # 50 in all
+  np.testing.assert_array_equal(carved.validation.arrays()[0], on_top.validation.arrays()[0])
+  np.testing.assert_array_equal(carved.train.arrays()[0], on_top.train.arrays()[0][:30])
+  no_limit = data.load_dataset("mnist", str(tmp_path), validation_size=20, seed=3,
+                               validation_in_limit=True)
+  assert len(no_limit.train) == 80   # without a limit there is no budget to carve from
+  with pytest.raises(data.DataError, match="validation_size=20 leaves no training"):
+    data.load_dataset("mnist", str(tmp_path), validation_size=20, seed=3, limit_train=20,
+                      validation_in_limit=True)
+
+
 def test_load_dataset_zero_validation_and_limits(tmp_path):
   _write_mnist_dir(tmp_path, n_train=100, n_test=30)
   ds = data.load_dataset("mnist", str(tmp_path), validation_size=0, seed=0,

@@ -4,16 +4,21 @@ One tiny run (pretrain only, LeNet w=1, 256 examples, one epoch) with the traine
 then in-process evaluations with cheap members (pgd, fgsm) at batch 8 (8 forced devices).
 """
 import json
+import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from admm_jax import attacks
-from admm_jax.app import configlib, evaluate, reports, train, trainer
+from admm_jax.app import configlib, evaluate, reliability, reports, train, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_lenet.py")
@@ -218,3 +223,108 @@ def test_cli_exits_2_with_one_line_on_a_workdir_without_a_run(tmp_path):
   lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
   assert len(lines) == 1 and "holds no run" in lines[0]
 
+
+
+# ------------------------------------------------------------ prompt stops (slow tier)
+# APGD-T (9 targets x 100 steps) on 3 batches of 8: long enough per batch that a signal sent
+# once batch 1 is saved lands inside batch 2's attack.
+STOP_BOUND_S = 30   # the issue's aim on a 2-core CPU (a Cloud TPU preemption gives ~30 s)
+
+
+def _hook_config():
+  c = _tiny_config()
+  c.eval.update(final_attack="apgd-t", final_limit=24)  # eval.*: allowed on a finished workdir
+  return c
+
+
+@pytest.fixture(scope="module")
+def clean_apgd_t(run, tmp_path_factory):
+  """The hook's APGD-T evaluation run to the end on a copy of the run: (record, robust)."""
+  workdir = tmp_path_factory.mktemp("clean") / "w"
+  shutil.copytree(run[0], workdir)
+  report = trainer.train_and_evaluate(_hook_config(), str(workdir))
+  return report["stages"]["pretrain"], _robust(str(workdir), "apgd-t")
+
+
+def _signal_when(path, signum, pid=None, timeout=600):
+  """Sends `signum` to `pid` (default: this process) once `path` exists (not at all after
+  `timeout` s); returns the thread and {"t": the sending time}."""
+  sent = {}
+
+  def watch():
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+      if time.time() > deadline:
+        return  # never a late signal into the test process
+      time.sleep(0.01)
+    sent["t"] = time.time()
+    os.kill(pid or os.getpid(), signum)
+  thread = threading.Thread(target=watch, daemon=True)
+  thread.start()
+  return thread, sent
+
+
+def _partial(workdir):
+  return os.path.join(workdir, "evaluation", "partial", "pretrain_apgd-t")
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_evaluation_hook_stops_within_seconds_and_resumes_to_the_same_numbers(
+    run, clean_apgd_t, tmp_path, caplog):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(run[0], workdir)
+  thread, sent = _signal_when(os.path.join(_partial(workdir), "batch_000000.npz"),
+                              signal.SIGTERM)
+  with pytest.raises(reliability.Interrupted) as e:
+    trainer.train_and_evaluate(_hook_config(), workdir)
+  stopped = time.time() - sent["t"]
+  thread.join()
+  print(f"stopped {stopped:.2f} s after SIGTERM")  # shown with -s
+  assert stopped < STOP_BOUND_S, stopped
+  assert e.value.exit_code == 143
+  assert str(e.value) == (f"SIGTERM received: evaluate pretrain apgd-t stopped at batch 2/3, the "
+                          f"1 finished batches kept in {_partial(workdir)}; run the same command "
+                          "again to resume.")
+  assert sorted(f for f in os.listdir(_partial(workdir)) if f.startswith("batch_")) == \
+      ["batch_000000.npz"]   # the batch the signal cut short is not kept
+  assert not os.path.exists(os.path.join(workdir, reliability.LOCK_FILE))
+  caplog.set_level(logging.INFO)
+  resumed = trainer.train_and_evaluate(_hook_config(), workdir)["stages"]["pretrain"]
+  assert "evaluate pretrain apgd-t: batch 2/3, 16/24 examples" in caplog.text  # 1 read back
+  record, robust = clean_apgd_t
+  assert resumed["apgd-t_accuracy"] == record["apgd-t_accuracy"]
+  np.testing.assert_array_equal(_robust(workdir, "apgd-t"), robust)
+
+
+@pytest.mark.slow
+def test_sigterm_during_python_m_evaluate_exits_143_keeps_batches_and_resumes(run, clean_apgd_t,
+                                                                            tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(run[0], workdir)
+  command = [sys.executable, "-m", "admm_jax.evaluate", f"--workdir={workdir}",
+             "--stage=pretrain", "--attack=apgd-t", "--limit=24", f"--batch_size={BATCH}",
+             "--no_sanity"]
+  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    thread, sent = _signal_when(os.path.join(_partial(workdir), "batch_000000.npz"),
+                                signal.SIGTERM, pid=proc.pid)
+    _, stderr = proc.communicate(timeout=600)
+    stopped = time.time() - sent["t"]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 143, stderr[-2000:]
+  print(f"stopped {stopped:.2f} s after SIGTERM")  # shown with -s
+  assert stopped < STOP_BOUND_S, stopped
+  lines = [x for x in stderr.splitlines() if "SIGTERM received" in x]
+  assert lines == [f"SIGTERM received: evaluate pretrain apgd-t stopped at batch 2/3, the 1 "
+                   f"finished batches kept in {_partial(workdir)}; run the same command again "
+                   "to resume."], stderr[-2000:]
+  assert "Traceback" not in stderr
+  # The rerun, in this process (the compiled attack is reused): what the command runs.
+  again = evaluate.evaluate_workdir(workdir, "pretrain", attack="apgd-t", limit=24,
+                                    batch_size=BATCH, sanity=False)
+  record, robust = clean_apgd_t
+  assert again["robust_accuracy"] == record["apgd-t_accuracy"]
+  np.testing.assert_array_equal(_robust(workdir, "apgd-t"), robust)

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -238,6 +239,41 @@ def test_signal_checkpoints_at_the_next_step_and_the_resumed_run_matches(
     assert mngr.latest_step() == at_call
   assert not (workdir / reliability.LOCK_FILE).exists()
   assert _numbers(_run(workdir)) == _numbers(reference[1])
+
+
+def test_signal_after_a_stage_stops_before_the_next_stage_starts(reference, tmp_path,
+                                                                 monkeypatch):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference[0], workdir)
+  real = trainer.run_stage
+
+  def then_signal(ctx, name):
+    record = real(ctx, name)
+    if name == "pretrain":
+      os.kill(os.getpid(), signal.SIGTERM)
+    return record
+  monkeypatch.setattr(trainer, "run_stage", then_signal)
+  with pytest.raises(reliability.Interrupted) as e:
+    _run(workdir)
+  assert e.value.exit_code == 143
+  assert str(e.value) == ("SIGTERM received: pretrain finished; the next stage had not started; "
+                          "run the same command again to resume.")
+
+
+def test_stop_flag_is_readable_from_any_thread_and_the_wakeup_fd_is_restored():
+  """The attack's host callback runs on an XLA thread while the main thread waits in the
+  computation: it reads the signal from the wakeup pipe, not from the Python handler."""
+  before = signal.getsignal(signal.SIGTERM)
+  with reliability.StopRequests().installed() as stops:
+    assert reliability.stop_signalled() is None and stops.seen() is None
+    seen = []
+    os.kill(os.getpid(), signal.SIGTERM)
+    thread = threading.Thread(target=lambda: seen.append(reliability.stop_signalled()))
+    thread.start()
+    thread.join()
+    assert seen == [signal.SIGTERM] and stops.seen() == signal.SIGTERM
+  assert reliability.stop_signalled() is None and signal.getsignal(signal.SIGTERM) == before
+  assert signal.set_wakeup_fd(-1) == -1   # nothing left installed
 
 
 def test_nan_weights_stop_within_a_logging_interval_and_nothing_nonfinite_is_saved(

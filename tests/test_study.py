@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from admm_jax import models
-from admm_jax.app import evaluate, plot, stages, study, study_report, tensorboard_log, trainer
+from admm_jax.app import (evaluate, plot, stages, study, study_report, tensorboard_log, trainer,
+                          workdir)
+from tree_digest import tree_digest
 
 pytestmark = pytest.mark.slow  # end to end: run by .ci/run after the default command
 
@@ -128,6 +130,17 @@ def test_rerun_skips_finished_cells_and_resumes_the_unfinished_one(studied):
   assert set(_status(studied["second"]).values()) == {"finished"}
   assert _load(os.path.join(studied["workdir"], "study.json"))["cells"] == \
       studied["second"]["cells"]
+
+
+def test_changed_run_config_stops_the_study_before_any_work(studied):
+  config = micro_study()
+  config.run.pretrain.lr = 0.002   # shaped every finished cell's pretrain
+  before = tree_digest(studied["workdir"])
+  with pytest.raises(workdir.ConfigMismatch,
+                     match=r"^study cell capacity-\S+: the config differs .* pretrain.lr 0.001 "
+                           r"-> 0.002"):
+    study.run_study(config, studied["workdir"])
+  assert tree_digest(studied["workdir"]) == before
 
 
 def test_study_json_holds_every_cells_overrides_and_report_numbers(studied):

@@ -8,6 +8,7 @@ line's exit code 2.
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import optax
 import pytest
 
 from admm_jax import models, sparsity
-from admm_jax.app import configlib, reports, stages, study, trainer
+from admm_jax.app import configlib, reports, stages, study, trainer, workdir
 from admm_jax.app.errors import UserError
 from tree_digest import tree_digest
 
@@ -86,6 +87,8 @@ def test_all_three_stages_run_and_report(finished_run):
   assert "admm_primal_residual" in lines[1]
   text = reports.summary(report)
   assert "compression" in text and "retrain" in text
+  assert report["dataset"]["labelled_examples"] == 1024 + 256   # train + validation
+  assert "1280 labelled examples (1024 train + 256 validation), 256 test" in text
   assert "right after hard pruning" in text and "ADMM end" in text
 
 
@@ -174,6 +177,57 @@ def test_rerun_skips_finished_stages(finished_run, caplog):
   assert json.loads((workdir / "report.json").read_text())["stages"] == report["stages"]
 
 
+def _copy_without(src, dst, *stages_to_drop):
+  """A copy of the finished workdir `src` in which `stages_to_drop` never finished (their
+  markers and outputs gone; their checkpoints kept: such a stage is running)."""
+  shutil.copytree(src, dst, ignore=shutil.ignore_patterns("run.lock"))
+  for stage in stages_to_drop:
+    shutil.rmtree(dst / "outputs" / stage)
+    (dst / "outputs" / f"{stage}.json").unlink()
+  return dst
+
+
+def test_changed_training_field_on_a_finished_workdir_stops_before_any_work(finished_run):
+  run_dir, _ = finished_run
+  before = tree_digest(run_dir)
+  message = _user_error(tiny_config(**{"admm.rho": 0.7}), run_dir)  # exit code 2 in main
+  assert "admm.rho 0.5 -> 0.7" in message and "admm finished" in message, message
+  assert f"--config.init_from={run_dir}" in message and "another --workdir" in message
+  assert "\n" not in message
+  assert tree_digest(run_dir) == before
+
+
+def test_changed_field_on_a_half_finished_workdir_stops_naming_the_running_stage(finished_run,
+                                                                                 tmp_path):
+  half = _copy_without(finished_run[0], tmp_path / "half", "admm", "retrain")
+  shutil.rmtree(half / "checkpoints" / "retrain")
+  before = tree_digest(half)
+  message = _user_error(tiny_config(**{"admm.lr": 0.02}), half)
+  assert "admm.lr 0.01 -> 0.02" in message, message
+  assert "pretrain finished, admm running" in message
+  assert tree_digest(half) == before
+
+
+def test_appended_stage_is_allowed_recorded_and_gives_the_clean_numbers(finished_run, tmp_path,
+                                                                       caplog):
+  run_dir, report = finished_run
+  part = _copy_without(run_dir, tmp_path / "appended", "retrain")
+  shutil.rmtree(part / "checkpoints" / "retrain")
+  # As a run started with stages=pretrain,admm would have left it.
+  stored = json.loads((part / "config.json").read_text())
+  stored["config"]["stages"] = "pretrain,admm"
+  (part / "config.json").write_text(json.dumps(stored))
+  caplog.set_level(logging.INFO)
+  again = trainer.train_and_evaluate(tiny_config(**{"eval.final_limit": 7}), str(part))
+  assert len(_log_lines(caplog, "finished earlier")) == 2
+  for key in ("natural_accuracy", "adversarial_accuracy", "steps"):
+    assert again["stages"]["retrain"][key] == report["stages"]["retrain"][key], key
+  history = json.loads((part / "config.json").read_text())["history"]
+  assert history[-1]["changes"] == {"eval.final_limit": [1000, 7],
+                                    "stages": ["pretrain,admm", "pretrain,admm,retrain"]}
+  assert workdir.check_config(str(part), tiny_config(**{"eval.final_limit": 7})) == {}
+
+
 def _wait_for_checkpoint(workdir, stage, proc, timeout=300):
   ckpt = workdir / "checkpoints" / stage
   deadline = time.time() + timeout
@@ -236,6 +290,7 @@ def test_bad_input_is_one_sentence_and_loses_nothing(finished_run, fields, expec
 @pytest.mark.parametrize("flag,expected", [
     ("--config.model.width=abc", "--config.model.width=abc"),   # absl's flag parser
     ("--config.attack.eps=-0.5", "config.attack.eps=-0.5 is invalid"),   # main's user errors
+    ("--config.admm.rho=0.7", "admm.rho 0.5 -> 0.7"),   # a field that shaped finished stages
 ])
 def test_bad_input_is_one_sentence_exit_2_and_loses_nothing(finished_run, flag, expected):
   """The command line: exit code 2, one "error:" line, no traceback, the workdir untouched."""
@@ -277,7 +332,8 @@ def test_tfds_path_end_to_end_under_mock_data(tmp_path):
   config.pretrain.epochs = 1
   with tfds.testing.mock_data(num_examples=512):
     report = trainer.train_and_evaluate(config, str(tmp_path / "tfds"))
-  assert report["dataset"] == {"name": "mnist", "train": 256, "validation": 64, "test": 64}
+  assert report["dataset"] == {"name": "mnist", "train": 256, "validation": 64, "test": 64,
+                               "labelled_examples": 320}
   rec = report["stages"]["pretrain"]
   assert rec["test_examples"] == 64 and 0 <= rec["adversarial_accuracy"] <= rec["natural_accuracy"]
 

@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
       tfds_dir="",                     # TFDS data_dir ('' = TFDS default)
       validation_size=2000,            # held out from train, for model selection
       limit_train=0,                   # use only this many training examples (0 = all)
+      validation_in_limit=False,       # True: validation_size is carved out of limit_train
       limit_test=0,                    # evaluate on this many test examples (0 = all)
       augment="none",                  # none | cifar (random crop 32 pad 4 + flip)
   ))
@@ -232,6 +233,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"not config.data.name={config.data.name!r}; set data.dir='' to use TFDS for it")
   for f in ("data.validation_size", "data.limit_train", "data.limit_test"):
     _positive_int(config, f, zero_ok=True)
+  if not isinstance(config.data.validation_in_limit, bool):
+    _fail("data.validation_in_limit", config.data.validation_in_limit, "use True or False")
+  if (config.data.validation_in_limit and config.data.limit_train
+      and config.data.validation_size >= config.data.limit_train):
+    _fail("data.validation_size", config.data.validation_size,
+          f"with data.validation_in_limit=True it is carved out of data.limit_train="
+          f"{config.data.limit_train}, so it must be smaller")
   if config.data.augment not in ("none", "cifar"):
     _fail("data.augment", config.data.augment, "use 'none' or 'cifar'")
   if config.model.name not in MODELS:

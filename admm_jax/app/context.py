@@ -118,7 +118,8 @@ def make_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
   dataset = data.load_dataset(config.data.name, config.data.dir, config.data.validation_size,
                               config.seed, limit_train=config.data.limit_train,
                               limit_test=config.data.limit_test,
-                              tfds_data_dir=config.data.tfds_dir or None)
+                              tfds_data_dir=config.data.tfds_dir or None,
+                              validation_in_limit=config.data.validation_in_limit)
   if len(dataset.train) < config.batch_size:
     raise configlib.ConfigError(f"config.batch_size={config.batch_size} is larger than the "
                                 f"{len(dataset.train)} training examples: lower it.")

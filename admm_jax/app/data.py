@@ -441,7 +441,8 @@ class Dataset:
 
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None, validation_size: int,
                  seed: int, *, limit_train: int = 0, limit_test: int = 0,
-                 tfds_data_dir: str | None = None, download: bool = True) -> Dataset:
+                 tfds_data_dir: str | None = None, download: bool = True,
+                 validation_in_limit: bool = False) -> Dataset:
   """Opens a dataset and holds out a validation split from its training set.
 
   The hold-out and the subsets are index selections over the source (grain shuffles
@@ -462,6 +463,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None, validation_
       the same examples.
     tfds_data_dir: TFDS data folder when `data_dir` is empty (None = TFDS default).
     download: allow TFDS to download when the data is not prepared.
+    validation_in_limit: with `limit_train`, carve the validation split out of it: the
+      run sees `limit_train` labelled examples in all (`limit_train - validation_size`
+      train), as a budget of N labelled examples means; else the validation split comes
+      on top (N + validation_size labelled examples). The validation split is the same
+      either way, and the carved training split is the first part of the uncarved one.
 
   Returns:
     A Dataset. The order of each split is fixed by `seed` (the test split's by
@@ -488,10 +494,14 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None, validation_
   if validation_size >= n_train:
     raise DataError(f"data.validation_size={validation_size} leaves no training examples: "
                     f"{name!r} has {n_train}; use a smaller value.")
+  if validation_in_limit and limit_train and validation_size >= limit_train:
+    raise DataError(f"data.validation_size={validation_size} leaves no training examples of "
+                    f"data.limit_train={limit_train} (data.validation_in_limit=True carves "
+                    "validation out of it): use a smaller validation_size or a larger limit.")
   held_out = grain.MapDataset.range(n_train).shuffle(seed=_seed32(_STREAM_SPLIT, seed))
   train = held_out[validation_size:]
   if limit_train:
-    train = train[:limit_train]
+    train = train[:limit_train - (validation_size if validation_in_limit else 0)]
   test = grain.MapDataset.range(n_test)
   if limit_test and limit_test < n_test:
     test = test.shuffle(seed=_seed32(_STREAM_LIMIT_TEST, 0))[:limit_test]

@@ -14,6 +14,13 @@ stopped (same batches, same keys, same result). It writes
 
 where <label> is `autoattack`, a member name, or the members of a cascade joined by '+'.
 The sanity checks (docs/evaluation.md) look for signs of gradient masking.
+
+SIGTERM/SIGINT (reliability.StopRequests, here and in the trainer's hook) stop promptly: the
+flag is read between batches and, inside a batch, by the model itself (`_stoppable`: a host
+callback before every forward pass; once it reads True the model returns zero logits without
+running, so the attack's remaining iterations cost next to nothing). A batch cut short is
+never saved; the finished ones are kept, the run exits with 128 + signal and the resume
+message, and the rerun attacks the cut batch again with the same key: the same numbers.
 """
 from __future__ import annotations
 
@@ -25,13 +32,15 @@ import time
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import io_callback
 
 from admm_jax import attacks
-from admm_jax.app import configlib, context, data, parallel, reports, stages, train
-from admm_jax.app.workdir import write_json_atomic
+from admm_jax.app import configlib, context, data, parallel, reliability, reports, stages, train
 from admm_jax.app.errors import UserError
+from admm_jax.app.workdir import write_json_atomic
 
 SANITY_LIMIT = 200
 # Tolerances of the sanity checks, as accuracies (fractions of the examples checked).
@@ -105,12 +114,41 @@ def _jit_per_batch(rt: parallel.Runtime, per_batch, cache_key: tuple):
   return _JITTED[cache_key]
 
 
+def _stop_flag(*_) -> np.ndarray:
+  return np.asarray(reliability.stop_signalled() is not None)
+
+
+def _read_stop(after: jax.Array | None = None) -> jax.Array:
+  """The host's stop flag as a traced bool. With `after`, read once `after` is computed (a
+  data dependency through one scalar: an unordered callback may otherwise run at any point of
+  the program); without, wherever it stands (in a loop body: every iteration, as a callback
+  has side effects and is never hoisted out of a loop)."""
+  if jax.process_count() > 1:  # processes would disagree: they stop between batches only
+    return jnp.zeros([], bool)
+  shape = jax.ShapeDtypeStruct((), jnp.bool_)
+  if after is None:  # no operand: a sharded one would be gathered to one device every call
+    return io_callback(_stop_flag, shape)
+  return io_callback(_stop_flag, shape, jax.lax.stop_gradient(jnp.any(after)))
+
+
+def _stoppable(apply_fn):
+  """apply_fn that returns zero logits without running the model once a stop is signalled,
+  so that a long attack's remaining iterations are nearly free (see the module docstring)."""
+  def apply(params, x):
+    shape = jax.eval_shape(apply_fn, params, x)
+    return jax.lax.cond(_read_stop(), lambda p, x: jnp.zeros(shape.shape, shape.dtype),
+                        apply_fn, params, x)
+  return apply
+
+
 def _cascade_fn(rt: parallel.Runtime, model, names: Sequence[str], eps: float, norm: str):
-  """One batch through `attacks.cascade`: robust, broken_by, clean_correct per example."""
+  """One batch through `attacks.cascade`: robust, broken_by, clean_correct per example, and
+  `stopped`: whether a stop signal cut the batch short (its numbers are then meaningless)."""
   def per_batch(params, batch_stats, x, y, key):
-    apply_fn = train.logits_fn(model, batch_stats, train=False)
+    apply_fn = _stoppable(train.logits_fn(model, batch_stats, train=False))
     r = attacks.cascade(apply_fn, params, x, y, key, names=tuple(names), eps=eps, norm=norm)
-    return {"robust": r.robust, "broken_by": r.broken_by, "clean_correct": r.clean_correct}
+    return {"robust": r.robust, "broken_by": r.broken_by, "clean_correct": r.clean_correct,
+            "stopped": _read_stop(r.robust)}
   return _jit_per_batch(rt, per_batch, ("cascade", rt, model, tuple(names), eps, norm))
 
 
@@ -119,10 +157,11 @@ def _single_attacks_fn(rt: parallel.Runtime, model, runs: Sequence[tuple[str, fl
   """One batch through each (attack name, eps) of `runs` alone, in one program (one
   compilation for all the sanity checks): robust per example, keyed by the run's index."""
   def per_batch(params, batch_stats, x, y, key):
-    apply_fn = train.logits_fn(model, batch_stats, train=False)
-    return {str(i): attacks.cascade(apply_fn, params, x, y, jax.random.fold_in(key, i),
-                                    names=(name, ), eps=e, norm=norm).robust
-            for i, (name, e) in enumerate(runs)}
+    apply_fn = _stoppable(train.logits_fn(model, batch_stats, train=False))
+    out = {str(i): attacks.cascade(apply_fn, params, x, y, jax.random.fold_in(key, i),
+                                   names=(name, ), eps=e, norm=norm).robust
+           for i, (name, e) in enumerate(runs)}
+    return {**out, "stopped": _read_stop(jnp.stack(list(out.values())))}
   return _jit_per_batch(rt, per_batch, ("single", rt, model, tuple(runs), norm))
 
 
@@ -182,6 +221,24 @@ def check_finished(workdir: str, stage: str) -> None:
                           "first.")
 
 
+def _await(tree: Any) -> Any:
+  """device_get of a dispatched computation, waiting in short sleeps: Python runs signal
+  handlers only in the main thread between bytecodes, so where dispatch is asynchronous
+  (GPU, TPU) the handler runs during the batch. (On CPU a program with host callbacks runs
+  synchronously inside the call; there the callback reads the signal from the wakeup pipe,
+  reliability.StopRequests.seen.)"""
+  leaves = jax.tree.leaves(tree)
+  while not all(x.is_ready() for x in leaves):
+    time.sleep(0.02)
+  return jax.device_get(tree)
+
+
+def _stop(ctx: context.Context, what: str, where: str, finished: int, folder: str | None):
+  """Raises reliability.Interrupted for an evaluation stopped `where` ("at batch 3/10")."""
+  kept = f", the {finished} finished batches kept in {folder}" if folder and finished else ""
+  ctx.stops.stop_where(f"{what or 'the evaluation'} stopped {where}{kept}")
+
+
 def _run_batches(ctx: context.Context, fn, params, batch_stats, examples: data.Examples,
                  batch_size: int, key: jax.Array, folder: str | None = None, what: str = ""
                  ) -> dict[str, np.ndarray]:
@@ -189,6 +246,10 @@ def _run_batches(ctx: context.Context, fn, params, batch_stats, examples: data.E
 
   With `folder`, finished batches are read back from folder/batch_<i>.npz and new ones are
   saved there atomically (resume); with `what`, a progress line with ETA per batch.
+
+  Raises:
+    reliability.Interrupted: SIGTERM/SIGINT (ctx.stops) during or between batches; the
+      finished batches are saved, a batch the signal cut short is not.
   """
   batches = data.epoch_batches(examples, batch_size, seed=0, epoch=0, shuffle=False,
                                drop_remainder=False, process_index=jax.process_index(),
@@ -205,14 +266,17 @@ def _run_batches(ctx: context.Context, fn, params, batch_stats, examples: data.E
     batch = batches[i]
     del batch["mask"]  # the padding is at the end of the last global batch: sliced off below
     g = ctx.runtime.global_batch(batch)
-    result = jax.device_get(fn(params, batch_stats, g["image"], g["label"],
-                               jax.random.fold_in(key, i)))
+    result = _await(fn(params, batch_stats, g["image"], g["label"], jax.random.fold_in(key, i)))
+    if bool(result.pop("stopped")):  # cut short: never saved, recomputed on resume
+      _stop(ctx, what, f"at batch {i + 1}/{len(batches)}", i, folder)
     real = min(batch_size, n - i * batch_size)
     result = {k: np.asarray(v)[:real] for k, v in result.items()}
     if path and ctx.is_writer:
       _save_batch(path, result)
     out.append(result)
     done, n_new = done + real, n_new + real
+    if i + 1 < len(batches) and ctx.stops.requested(i):  # the same batch on every process
+      _stop(ctx, what, f"after batch {i + 1}/{len(batches)}", i + 1, folder)
     if what:
       rate = n_new / max(time.time() - t0, 1e-9)
       robust = np.mean(np.concatenate([o["robust"] for o in out]))
@@ -366,7 +430,9 @@ def evaluate_workdir(workdir: str, stage: str = "retrain", **kwargs) -> dict[str
     check_eps(kwargs["eps"], kwargs.get("norm", "linf"))
   check_finished(path, stage)
   ctx = context.make_context(config, path)
-  return evaluate_stage(ctx, stage, **kwargs)
+  with reliability.StopRequests().installed() as stops:  # SIGTERM/SIGINT: see the docstring
+    ctx.stops = stops
+    return evaluate_stage(ctx, stage, **kwargs)
 
 
 def final_evaluation(ctx: context.Context, stage: str) -> dict[str, Any]:

@@ -9,7 +9,9 @@ its `exit_code`).
 * `StopRequests`: SIGTERM / SIGINT set a flag that the loop reads at step boundaries, then
   it checkpoints and stops (exit 128 + signal). Multi-host: JAX's preemption service owns
   SIGTERM (its sync point makes every process stop at the same step); a Ctrl-C on any
-  process is agreed on at logging intervals.
+  process is agreed on at logging intervals. Evaluations read the same flag between batches,
+  and a jitted attack reads it inside its loops (`stop_signalled`, through a host callback:
+  admm_jax.evaluate), so a stop during a long attack is prompt too.
 * `check_finite`: a NaN/Inf loss or weight stops the stage before anything non-finite is
   saved.
 * `chance_warnings`: a stage whose accuracy ends at chance level says so.
@@ -196,6 +198,21 @@ def _preemption_service() -> bool:
   return distributed.global_state.preemption_sync_manager is not None
 
 
+# The StopRequests installed now (innermost last): what `stop_signalled` reads.
+_INSTALLED: list[StopRequests] = []
+
+
+def stop_signalled() -> int | None:
+  """The SIGTERM/SIGINT an installed StopRequests has seen, else None; from any thread, also
+  while the main thread is blocked in a computation (`StopRequests.seen`). This process's
+  view, no agreement across processes: for host callbacks inside jitted code."""
+  for s in _INSTALLED:
+    signum = s.seen()
+    if signum is not None:
+      return signum
+  return None
+
+
 class StopRequests:
   """SIGTERM / SIGINT -> a flag read at step boundaries (`requested`), never mid-step.
 
@@ -206,6 +223,27 @@ class StopRequests:
     self.signum: int | None = None
     self.agree_every = max(1, agree_every)
     self._calls = 0
+    self._wakeup: int | None = None   # read end of the signal wakeup pipe, while installed
+    self._seen: int | None = None
+    self._signals: tuple[int, ...] = ()
+
+  def seen(self) -> int | None:
+    """The stop signal received so far, from any thread (cheap: a non-blocking read).
+
+    Python runs signal handlers in the main thread between bytecodes, so while the main
+    thread waits in a computation (on CPU a program with host callbacks runs synchronously)
+    `signum` stays unset; the C-level handler writes the signal's number to the wakeup pipe
+    at once (signal.set_wakeup_fd), which a callback on an XLA thread can read.
+    """
+    if self.signum is not None:
+      return self.signum
+    if self._seen is None and self._wakeup is not None:
+      try:
+        data = os.read(self._wakeup, 64)
+      except OSError:  # empty (EAGAIN) or closed
+        data = b""
+      self._seen = next((b for b in data if b in self._signals), None)
+    return self._seen
 
   def _handle(self, signum, frame):
     del frame
@@ -217,15 +255,27 @@ class StopRequests:
   def installed(self) -> Iterator[StopRequests]:
     """Handles SIGTERM/SIGINT during the block (main thread only), then restores handlers."""
     signals = [signal.SIGINT] + ([] if _preemption_service() else [signal.SIGTERM])
-    previous = {}
+    previous, pipe, previous_fd = {}, None, -1
     try:
       for s in signals:
         previous[s] = signal.signal(s, self._handle)
+      pipe = os.pipe()
+      for fd in pipe:
+        os.set_blocking(fd, False)
+      previous_fd = signal.set_wakeup_fd(pipe[1], warn_on_full_buffer=False)
+      self._wakeup, self._signals = pipe[0], tuple(int(s) for s in signals)
     except ValueError:  # not the main thread: leave signals alone
       pass
+    _INSTALLED.append(self)
     try:
       yield self
     finally:
+      _INSTALLED.remove(self)
+      if self._wakeup is not None:
+        signal.set_wakeup_fd(previous_fd)
+        self._wakeup = None
+      for fd in pipe or ():
+        os.close(fd)
       for s, handler in previous.items():
         signal.signal(s, handler)
 
@@ -247,9 +297,13 @@ class StopRequests:
 
   def stop(self, stage: str, step: int) -> None:
     """Raises Interrupted: the loop has just saved `step`."""
-    name = signal.Signals(self.signum or signal.SIGTERM).name
-    raise Interrupted(f"{name} received: {stage} stopped at step {step} with a checkpoint; "
-                      "run the same command again to resume.", self.signum or signal.SIGTERM)
+    self.stop_where(f"{stage} stopped at step {step} with a checkpoint")
+
+  def stop_where(self, what: str) -> None:
+    """Raises Interrupted: "<SIGNAL> received: <what>; run the same command again to resume."."""
+    signum = self.seen() or stop_signalled() or signal.SIGTERM
+    raise Interrupted(f"{signal.Signals(signum).name} received: {what}; run the same command "
+                      "again to resume.", signum)
 
 
 # ------------------------------------------------------------------ numerical guards

@@ -50,7 +50,9 @@ def run_report(config, dataset, devices: dict[str, Any], records: dict[str, dict
   report = {
       "config": json.loads(config.to_json_best_effort()),
       "dataset": {"name": dataset.name, "train": len(dataset.train),
-                  "validation": len(dataset.validation), "test": len(dataset.test)},
+                  "validation": len(dataset.validation), "test": len(dataset.test),
+                  # train + validation: the labelled examples the run learnt or selected from
+                  "labelled_examples": len(dataset.train) + len(dataset.validation)},
       "attack": {"eps": a.eps, "steps": a.eval_steps, "step_size": a.eval_step_size,
                  "norm": "linf", "random_start": True,
                  "train": {"kind": a.kind, "steps": a.steps, "step_size": a.step_size,
@@ -82,6 +84,10 @@ def summary(report: dict[str, Any]) -> str:
   lines = [f"{report['dataset']['name']}: test accuracy, natural / under PGD-{a['steps']} "
            f"(Linf eps {a['eps']}, step {a['step_size']}), {report['devices']['count']} "
            f"{report['devices']['platform']} device(s)"]
+  d = report["dataset"]
+  if "labelled_examples" in d:  # how much labelled data the numbers cost, said every time
+    lines.append(f"  {d['labelled_examples']} labelled examples ({d['train']} train + "
+                 f"{d['validation']} validation), {d['test']} test")
   trained = a["train"]
   if trained["objective"] != "madry":  # Madry's loss is the default the header implies
     lines.append(f"  trained with the {trained['objective']} objective (beta {trained['beta']}), "

@@ -22,7 +22,9 @@ Every cell is repeated for every seed of `config.seeds`. Cells that others start
 pretrain, the pruned network an inherited cell takes its mask from) join the grid by themselves.
 
 Cells run one after another in this process, each on all devices. A rerun skips finished cells
-(their report.json lists all their stages) and resumes an unfinished one from its checkpoints;
+(their report.json lists all their stages) and resumes an unfinished one from its checkpoints,
+after checking every existing cell's config.json against the config the cell runs with now
+(`check_cells`: a change that shaped a finished or running cell stops the study at once);
 a cell that fails is recorded with its error and the study goes on (cells that start from it
 are skipped).
 """
@@ -379,6 +381,25 @@ def robust_evaluation(study: ml_collections.ConfigDict, cell_dir: str, report: d
                                    limit=study.robust_eval_limit, batch_size=batch, sanity=False)
 
 
+def check_cells(study: ml_collections.ConfigDict, cells: list[Cell], workdir: str) -> None:
+  """Each existing cell's workdir against the config the cell runs with now
+  (workdir.check_config): a study whose change would reuse a finished or running cell made
+  under another config stops before any work.
+
+  Raises:
+    workdir.ConfigMismatch: naming the cell, the fields (old -> new) and the ways out.
+  """
+  from admm_jax import workdir as workdirs
+  for cell in cells:
+    cell_dir = os.path.join(workdir, "cells", cell.name)
+    if os.path.isdir(cell_dir):
+      try:
+        workdirs.check_config(cell_dir, cell_config(study, cell, workdir),
+                              configlib.base_config())
+      except workdirs.ConfigMismatch as e:
+        raise workdirs.ConfigMismatch(f"study cell {cell.name}: {e}") from None
+
+
 def _finished_report(cell_dir: str, config: ml_collections.ConfigDict) -> dict | None:
   path = os.path.join(cell_dir, "report.json")
   if not os.path.exists(path):
@@ -456,6 +477,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   cells = plan(study)
   plot.require_matplotlib()  # fail now, not after an hour of training
   workdir = prepare_workdir(workdir)
+  check_cells(study, cells, workdir)  # a changed config stops the study before any work
   t0, records = time.time(), {}
   summary = {"config": json.loads(study.to_json_best_effort()), "cells": []}
   for i, cell in enumerate(cells):

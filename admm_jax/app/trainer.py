@@ -33,8 +33,8 @@ from admm_jax import sparsity, transforms
 from admm_jax.app import (checkpoint, compilation, configlib, data, evaluate, parallel,
                           reliability, reports, stages, train)
 from admm_jax.app.context import Context, load_output, make_context
-from admm_jax.app.workdir import (StagePaths, WorkdirError, prepare_workdir, stage_paths,
-                                  write_json_atomic)
+from admm_jax.app.workdir import (StagePaths, WorkdirError, check_config, prepare_workdir,
+                                  record_config, stage_paths, write_json_atomic)
 
 
 def stage_setup(ctx: Context, stage: stages.Stage
@@ -340,20 +340,32 @@ def _log_if_not_converged(stage: str, diagnostics: dict[str, Any]) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the configured stages in `workdir` and returns (and writes) the report.
 
-  One run per workdir (a lock); SIGTERM/SIGINT checkpoint and stop at the next step; a full
-  disk is one sentence (reliability.RunStopped and its exit code).
+  One run per workdir (a lock); the workdir keeps the config it was started with, and a
+  config that differs in a field that shaped a finished or running stage stops before any
+  work (workdir.check_config); SIGTERM/SIGINT checkpoint and stop at the next step, or between
+  batches of the evaluation hook; a full disk is one sentence (reliability.RunStopped and its
+  exit code).
   """
   configlib.validate(config)  # a bad config touches nothing, not even the lock
   compiled_before = compilation.COUNTER.snapshot()
   workdir, stops = prepare_workdir(workdir), reliability.StopRequests(config.log_every_steps)
   with (reliability.workdir_lock(workdir), stops.installed(),
         reliability.disk_errors(f"writing to the workdir {workdir}")):
-    ctx = make_context(config, workdir)
+    ctx = make_context(config, workdir)  # bad data or patterns: their own sentence first
     ctx.stops, records = stops, {}
     try:
+      # Before the first stage: a changed field that shaped a result stops here (every
+      # process); config.json is written before any stage starts.
+      changes = check_config(workdir, config, configlib.base_config())
+      parallel.sync("config checked")  # before process 0 rewrites config.json
+      if ctx.is_writer:
+        record_config(workdir, config, changes)
       for name in configlib.stages(config):
         records[name] = run_stage(ctx, name)
         if config.eval.final_attack:  # AutoAttack-grade evaluation of the stage's output
+          if stops.requested(0):  # a signal during the stage's test: don't start the attack
+            stops.stop_where(f"{name} finished; its evaluation ({config.eval.final_attack}) "
+                             "had not started")
           records[name] = {**records[name], **evaluate.final_evaluation(ctx, name)}
         report = reports.run_report(config, ctx.dataset, ctx.runtime.describe(), records)
         # This process's compilations (a warm persistent cache: compiled 0, all cache hits).
@@ -362,6 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "cache_dir": compilation.cache_in_use()}
         if ctx.is_writer:
           write_json_atomic(os.path.join(workdir, "report.json"), report)
+        if name != configlib.stages(config)[-1] and stops.requested(0):
+          stops.stop_where(f"{name} finished; the next stage had not started")
     finally:
       ctx.metrics.close()
   return report

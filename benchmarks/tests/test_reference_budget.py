@@ -23,6 +23,37 @@ def test_config_is_the_budget_plus_overrides_and_validates():
   assert config.sparsity == rb.SCHEMES["filter"]
 
 
+def test_budget_is_20000_labelled_examples_in_all_and_the_full_test_split():
+  config = rb.make_config(0, {})
+  assert config.data.validation_in_limit and config.data.limit_train == rb.LABELLED
+  sizes = rb.check_data(config)
+  assert sizes == {"train": 18000, "validation": 2000, "test": 10000, "labelled_examples": 20000}
+  with pytest.raises(SystemExit, match="gives 20000 labelled .* and 500 test"):
+    rb.check_data(rb.make_config(0, {"data.limit_test": 500}))
+  on_top = rb.check_data(rb.make_config(0, {"data.validation_in_limit": False}))
+  assert on_top["labelled_examples"] == 22000 and on_top["train"] == 20000
+  with pytest.raises(SystemExit, match="budget is 20000 labelled .* gives 19000 labelled"):
+    rb.check_data(rb.make_config(0, {"data.limit_train": 19000}))
+
+
+def test_a_cell_finished_under_another_config_stops_the_benchmark_before_any_work(tmp_path,
+                                                                                capsys):
+  from admm_jax.app import workdir
+  cell = tmp_path / "s0" / "irregular"
+  (cell / "outputs").mkdir(parents=True)
+  (cell / "outputs" / "admm.json").write_text("{}")
+  workdir.record_config(str(cell), rb.make_config(0, {}, stages="admm,retrain",
+                                                  init_from=str(tmp_path / "s0" / "pretrain"),
+                                                  sparsity=rb.SCHEMES["irregular"]), {})
+  argv = [f"--workdir={tmp_path}", "--seeds=0", "--schemes=irregular", "--no-malloc-tuning"]
+  with pytest.raises(SystemExit) as e:
+    rb.main([*argv, "--set", "admm.rho=0.5"])
+  assert e.value.code == 2
+  error = capsys.readouterr().err.strip()
+  assert error.startswith("error: the config differs") and "admm.rho 0.03 -> 0.5" in error
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["s0"]   # nothing ran, no summary
+
+
 def test_bad_override_is_one_sentence():
   with pytest.raises(SystemExit, match="not field=value"):
     rb.parse_overrides(["admm.rho"])
@@ -50,5 +81,9 @@ def test_collect_takes_mean_and_spread_over_seeds_and_the_table_shows_the_refere
   assert summary["irregular"]["after_hard_prune"]["natural"][0] == pytest.approx(40.0)
   assert summary["irregular"]["admm_max_relative_residual"][0] == pytest.approx(0.2)
   text = rb.table(summary, [0, 1, 2])
+  assert "data: unknown" in text  # these fake reports name no dataset
+  summary["data"] = {"train": 18000, "validation": 2000, "test": 10000, "labelled_examples": 20000}
+  text = rb.table(summary, [0, 1, 2])
+  assert "20,000 labelled examples per run (18,000 train + 2,000 validation), 10,000 test" in text
   assert "68.67 +- 0.74" in text and "62.00 +-" in text and "hard-pruned" in text
   assert "32.07" in text  # the reference's accuracy right after hard pruning
