@@ -82,3 +82,27 @@ def test_keep_on_grid_trains_through_the_grid_and_keeps_masks():
   assert float(loss(params)) < floor + 0.01 * first < first - 0.2 * first
   # Unquantized leaves are left to the optimizer.
   assert isinstance(opt[2].latent["conv"]["kernel"], optax.MaskedNode)
+
+
+def test_config_sparsity_text_takes_a_bits_field():
+  from admm_jax.app import configlib
+  rules = configlib.parse_sparsity("conv1/kernel=filter:0.5,fc1/kernel=irregular:0.9:4b,"
+                                   "fc2/kernel=2:4:8b-layer")
+  assert rules == {"conv1/kernel": ("filter", 0.5),
+                   "fc1/kernel": ("irregular", 0.9, 4, "channel"),
+                   "fc2/kernel": ("2:4", None, 8, "layer")}
+  sparsity.spec(rules)   # what the run builds from it
+
+
+@pytest.mark.parametrize("text,match", [
+    ("fc1/kernel=irregular:0.9:9b", "from 2 to 8"),
+    ("fc1/kernel=irregular:0.9:1b", "from 2 to 8"),
+    ("fc1/kernel=irregular:0.9:4bits", "bits field"),
+])
+def test_config_refuses_bad_bits_in_one_sentence(text, match):
+  from admm_jax.app import configlib
+  config = configlib.base_config()
+  config.sparsity = text
+  with pytest.raises(configlib.ConfigError, match=match) as e:
+    configlib.validate(config)
+  assert "\n" not in str(e.value) and "config.sparsity" in str(e.value)

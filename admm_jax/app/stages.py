@@ -141,10 +141,16 @@ def admm(start: StageStart) -> tuple[Variables, optax.GradientTransformation]:
 
 
 def hard_prune_then_mask(start: StageStart) -> tuple[Variables, optax.GradientTransformation]:
-  """Hard prune the projection of W (not Z), then keep the zero pattern through training."""
+  """Hard prune the projection of W (not Z), then keep the zero pattern through training.
+
+  Layers with bits in the spec are projected onto their sparse k-bit grid and retrained on it
+  (`transforms.keep_on_grid`, straight-through), inside the stage's own epochs.
+  """
   params, masks = sparsity.hard_prune(start.variables["params"], start.spec)
-  return (dict(start.variables, params=params),
-          optax.chain(start.optimizer, transforms.apply_masks(masks)))
+  chain = [start.optimizer, transforms.apply_masks(masks)]
+  if any(r.bits is not None for _, r in start.spec.rules):
+    chain.append(transforms.keep_on_grid(start.spec, masks))
+  return dict(start.variables, params=params), optax.chain(*chain)
 
 
 def inherited(start: StageStart) -> tuple[Variables, optax.GradientTransformation]:
