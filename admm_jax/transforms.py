@@ -238,7 +238,8 @@ def keep_on_grid(spec: sparsity.SparsitySpec | dict, masks: Params | None = None
 
   def init_fn(params):
     _check_params(params, "keep_on_grid.init")
-    latent = sparsity.map_pruned(lambda r, w: w, quantized_rules(params), params,
+    # A copy: the params' own buffer would be donated twice by a training step.
+    latent = sparsity.map_pruned(lambda r, w: jnp.copy(w), quantized_rules(params), params,
                                  default=lambda _: optax.MaskedNode())
     return KeepOnGridState(latent)
 
