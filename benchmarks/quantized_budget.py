@@ -75,7 +75,9 @@ def row(scheme: str, bits: int | None, report: dict, attack: dict, exp: dict) ->
           "apgd_ce_t": 100 * attack["robust_accuracy"], "apgd_examples": attack["examples"],
           "sanity_failed": attack["sanity_failed"],
           "onnx_max_abs_logit_difference": exp.get("onnx", {}).get("max_abs_logit_difference"),
-          "onnx_test_accuracy": exp.get("onnx", {}).get("natural_accuracy")}
+          "onnx_test_accuracy": exp.get("onnx", {}).get("natural_accuracy"),
+          "onnx_latency_batch_1_s": exp.get("onnx", {}).get("latency", {}).get("batch_1_s"),
+          "test_examples": exp.get("onnx", {}).get("test_examples")}
 
 
 def table(rows: list[dict]) -> str:
@@ -84,13 +86,22 @@ def table(rows: list[dict]) -> str:
     groups.setdefault((r["scheme"], r["bits"]), []).append(r)
   fmt = lambda vs: (f"{statistics.fmean(vs):6.2f} +- {statistics.stdev(vs):4.2f}" if len(vs) > 1
                     else f"{vs[0]:6.2f}")
-  lines = [f"{'scheme':<10}{'bits':>5}{'file bytes':>12}{'natural':>16}{'PGD-10':>16}"
-           f"{'APGD-CE+T':>16}  seeds"]
+  mean = lambda rs, k: (int(statistics.fmean([r[k] for r in rs])) if all(
+      r.get(k) is not None for r in rs) else "-")
+  lines = [f"{'scheme':<10}{'bits':>5}{'file bytes':>12}{'onnx bytes':>12}{'natural':>16}"
+           f"{'PGD-10':>16}{'APGD-CE+T':>16}  seeds  onnx: |acc - run| examples, max|dlogit|"]
   for (scheme, bits), rs in groups.items():
-    size = [r["file_bytes"] for r in rs if r["file_bytes"] is not None]
-    lines.append(f"{scheme:<10}{bits:>5}{(str(int(statistics.fmean(size))) if size else '-'):>12}"
+    onnx = "-"
+    if all(r.get("onnx_test_accuracy") is not None for r in rs):
+      worst = max(abs(r["onnx_test_accuracy"] * 100 - r["natural"]) for r in rs)
+      onnx = (f"{worst / 100 * rs[0]['test_examples']:.0f}, "
+              f"{max(r['onnx_max_abs_logit_difference'] for r in rs):.1e}")
+    lines.append(f"{scheme:<10}{bits:>5}{mean(rs, 'file_bytes'):>12}{mean(rs, 'onnx_bytes'):>12}"
                  f"{fmt([r['natural'] for r in rs]):>16}{fmt([r['pgd10'] for r in rs]):>16}"
-                 f"{fmt([r['apgd_ce_t'] for r in rs]):>16}  {len(rs)}")
+                 f"{fmt([r['apgd_ce_t'] for r in rs]):>16}  {len(rs):>5}  {onnx}")
+  dense = [r["dense_float32_bytes"] for r in rows if r.get("dense_float32_bytes")]
+  if dense:
+    lines.append(f"dense float32 model: {int(statistics.fmean(dense))} bytes (uncompressed .npz)")
   return "\n".join(lines)
 
 
