@@ -171,7 +171,7 @@ def project_and_mask(rule: Rule, w: jax.Array) -> tuple[jax.Array, jax.Array]:
   projection keeps (inside them a weight may still round to 0 and move off 0 later)."""
   if rule.bits is None:
     m = projections.mask(w, rule.kind, rule.ratio)
-    return jnp.where(m, w, jnp.zeros((), w.dtype)), m
+    return w * m.astype(w.dtype), m   # as hard pruning always did (bit for bit)
   c, s = quantization.fit(w, rule.bits, rule.scale_mode, rule.kind, rule.ratio)
   m = projections.mask_from_scores(quantization.gains(w, s, rule.bits), rule.kind, rule.ratio)
   return (c * s).astype(w.dtype), m
