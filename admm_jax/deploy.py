@@ -2,7 +2,8 @@
 
   q = quantize_graph(graph, params, {"conv1": (4, "channel"), ...})  # codes + scales per node
   blob, meta = pack(graph, params, q)      # int4 nibbles / int8, gap-coded sparse positions
-  params2 = unpack(blob, meta)             # the same params (graph.apply gives the same logits)
+  write_packed("quantized.bin", blob, meta)   # one file: compressed layout + the bytes
+  params2 = unpack(*read_packed("quantized.bin"))  # the same function (graph.apply)
   model = to_onnx(graph, params, q)        # onnx.ModelProto, opset 21
 
 The packed file stores every quantized conv/dense weight as its codes, two per byte for
@@ -20,6 +21,7 @@ onnxruntime needs no custom op. `onnx` is imported only by `to_onnx` (extra `adm
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -222,9 +224,27 @@ def unpack(blob: bytes, meta: Mapping[str, Any]) -> Params:
   return params
 
 
-def layout_json(meta: Mapping[str, Any]) -> str:
-  """`pack`'s layout as compact JSON (its bytes count toward the file's size)."""
-  return json.dumps(meta, separators=(",", ":"))
+MAGIC = b"AJQ1"
+
+
+def write_packed(path: str, blob: bytes, meta: Mapping[str, Any]) -> int:
+  """One file: MAGIC, the zlib-compressed JSON layout's length (uint32 little-endian), the
+  layout, then `blob`. Returns its size in bytes; `read_packed` reads it back."""
+  header = zlib.compress(json.dumps(meta, separators=(",", ":")).encode(), 9)
+  data = MAGIC + len(header).to_bytes(4, "little") + header + blob
+  with open(path, "wb") as f:
+    f.write(data)
+  return len(data)
+
+
+def read_packed(path: str) -> tuple[bytes, dict[str, Any]]:
+  """(blob, layout) of a file `write_packed` wrote; `unpack(*read_packed(path))` gives params."""
+  with open(path, "rb") as f:
+    data = f.read()
+  if data[:4] != MAGIC:
+    raise ValueError(f"{path!r} is not a packed admm_jax weight file (no {MAGIC!r} header).")
+  n = int.from_bytes(data[4:8], "little")
+  return data[8 + n:], json.loads(zlib.decompress(data[8:8 + n]))
 
 
 # ------------------------------------------------------------------------------ ONNX

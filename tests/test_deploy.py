@@ -66,10 +66,12 @@ def test_quantize_graph_reads_codes_and_scales(lenet):
     np.testing.assert_allclose(entry["codes"] * entry["scale"], w, rtol=1e-6, atol=1e-7)
 
 
-def test_packed_file_reads_back_the_same_network_in_fewer_bytes(lenet):
+def test_packed_file_reads_back_the_same_network_in_fewer_bytes(lenet, tmp_path):
   g, p, _, q = lenet
   blob, meta = deploy.pack(g, p, q)
-  p2 = deploy.unpack(blob, meta)
+  size = deploy.write_packed(str(tmp_path / "q.bin"), blob, meta)
+  assert size == (tmp_path / "q.bin").stat().st_size
+  p2 = deploy.unpack(*deploy.read_packed(str(tmp_path / "q.bin")))
   x = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1))
   np.testing.assert_allclose(np.asarray(g.apply(p2, x)), np.asarray(g.apply(p, x)), atol=1e-5)
   assert len(blob) < compaction.num_bytes(p)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from admm_jax import compaction, models, sparsity
+from admm_jax import compaction, deploy, models, sparsity
 from admm_jax.app import checkpoint, configlib, export
 from model_variables import random_variables
 
@@ -64,16 +64,19 @@ def exported(workdir, tmp_path_factory):
 def test_export_writes_packed_codes_and_an_onnx_model_onnxruntime_agrees_with(exported):
   out, s = exported
   assert sorted(os.listdir(out)) == ["export.json", "graph.json", "model.jaxexport",
-                                     "model.onnx", "params.npz", "quantized.bin",
-                                     "quantized.json"]
-  assert s["onnx_file"] == "model.onnx" and s["quantized_file"] == ["quantized.bin",
-                                                                      "quantized.json"]
+                                     "model.onnx", "params.npz", "quantized.bin"]
+  assert s["onnx_file"] == "model.onnx" and s["quantized_file"] == "quantized.bin"
   assert s["quantization"] == {"conv1": {"bits": 4, "scale_mode": "channel"},
                                "conv2": {"bits": 8, "scale_mode": "layer"},
                                "fc1": {"bits": 4, "scale_mode": "channel"}}
   b = s["bytes"]
-  assert b["quantized_params"] == sum(os.path.getsize(os.path.join(out, f))
-                                      for f in s["quantized_file"])
+  assert b["quantized_params"] == os.path.getsize(os.path.join(out, "quantized.bin"))
+  # The packed file alone gives back the compact network.
+  g, params = compaction.load_params(out)
+  unpacked = deploy.unpack(*deploy.read_packed(os.path.join(out, "quantized.bin")))
+  x = np.random.default_rng(1).random((3, 28, 28, 1), np.float32)
+  np.testing.assert_allclose(np.asarray(g.apply(unpacked, x)), np.asarray(g.apply(params, x)),
+                             atol=1e-5)
   assert b["onnx"] == os.path.getsize(os.path.join(out, "model.onnx"))
   o = s["onnx"]
   assert o["test_examples"] == 48 and o["max_abs_logit_difference"] <= 1e-4

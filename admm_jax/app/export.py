@@ -234,7 +234,7 @@ def measure_compaction(workdir: str, stage: str = "retrain", batch: int = 256,
 
 
 ONNX_FILE = "model.onnx"
-PACKED_FILE, PACKED_LAYOUT = "quantized.bin", "quantized.json"
+PACKED_FILE = "quantized.bin"
 
 
 def _require_onnx() -> None:
@@ -256,12 +256,7 @@ def _deployables(c: _Compacted, tmp: str) -> tuple[dict, Any]:
   sizes = {}
   if quantized:
     blob, meta = deploy.pack(c.graph, c.params, quantized)
-    with open(os.path.join(tmp, PACKED_FILE), "wb") as f:
-      f.write(blob)
-    with open(os.path.join(tmp, PACKED_LAYOUT), "w") as f:
-      f.write(deploy.layout_json(meta))
-    sizes["quantized_params"] = sum(os.path.getsize(os.path.join(tmp, n))
-                                    for n in (PACKED_FILE, PACKED_LAYOUT))
+    sizes["quantized_params"] = deploy.write_packed(os.path.join(tmp, PACKED_FILE), blob, meta)
   with open(os.path.join(tmp, ONNX_FILE), "wb") as f:
     f.write(model.SerializeToString())
   sizes["onnx"] = os.path.getsize(os.path.join(tmp, ONNX_FILE))
@@ -358,7 +353,7 @@ def export_workdir(workdir: str, out: str, stage: str = "retrain",
     summary = {
         "artifact": ARTIFACT, "params_file": "params.npz", "graph_file": "graph.json",
         "onnx_file": ONNX_FILE,
-        "quantized_file": [PACKED_FILE, PACKED_LAYOUT] if quantized else None,
+        "quantized_file": PACKED_FILE if quantized else None,
         "quantization": {k: {"bits": v["bits"], "scale_mode": v["scale_mode"]}
                          for k, v in quantized.items()},
         "workdir": workdir, "stage": stage,
