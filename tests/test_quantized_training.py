@@ -106,3 +106,22 @@ def test_config_refuses_bad_bits_in_one_sentence(text, match):
   with pytest.raises(configlib.ConfigError, match=match) as e:
     configlib.validate(config)
   assert "\n" not in str(e.value) and "config.sparsity" in str(e.value)
+
+
+@pytest.mark.parametrize("stage", ["retrain", "inherited"])
+def test_masked_stages_train_k_bit_layers_on_their_grid(stage):
+  from admm_jax.app import configlib, stages
+  s = sparsity.spec({"fc/kernel": ("irregular", 0.5, 3)})
+  params = _params(2)
+  start = stages.StageStart(config=configlib.base_config(), spec=s,
+                            variables={"params": params, "batch_stats": {}},
+                            fresh={"params": _params(3), "batch_stats": {}},
+                            optimizer=optax.sgd(0.1), update_every=1)
+  variables, tx = stages.STAGES[stage].build(start)
+  p = variables["params"]
+  state = tx.init(p)
+  for _ in range(2):
+    updates, state = tx.update(jax.tree.map(jnp.ones_like, p), state, p)
+    p = optax.apply_updates(p, updates)
+    assert _on_grid(p["fc"]["kernel"], 3) and np.count_nonzero(p["fc"]["kernel"]) <= 12
+  assert not _on_grid(p["conv"]["kernel"], 8)   # unpruned leaves train as floats
