@@ -126,24 +126,22 @@ def project_with_scale(w: jax.Array, scale: jax.Array, bits: int, kind: str | No
 
 
 def fit(w: jax.Array, bits: int, scale_mode: str = "channel", kind: str | None = None,
-        ratio: float | None = None, iterations: int = ITERATIONS,
-        scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        ratio: float | None = None, iterations: int = ITERATIONS) -> tuple[jax.Array, jax.Array]:
   """(codes, scale) of a local optimum of min ||w - s c||^2 over scales and (sparse) codes.
 
   Alternates the exact code step for the current scale and the closed-form scale for those
-  codes, `iterations` times from `scale` (default `initial_scale`), then takes the code step
-  once more. The distance is non-increasing along the way. `kind`/`ratio` add a sparsity set
-  (None: none).
+  codes, `iterations` times from `initial_scale`, then takes the code step once more. The
+  distance is non-increasing along the way. `kind`/`ratio` add a sparsity set (None: none).
   """
   validate(bits, scale_mode)
   if kind is not None:
     projections.validate(kind, ratio, tuple(jnp.shape(w)))
   assign = (lambda s: codes(w, s, bits)) if kind is None else (
       lambda s: sparse_codes(w, s, bits, kind, ratio))
-  s0 = initial_scale(w, bits, scale_mode) if scale is None else jnp.asarray(scale, jnp.float32)
-  fitted = lax.fori_loop(0, iterations,
-                         lambda _, s: best_scale(w, assign(s), scale_mode, fallback=s), s0)
-  return assign(fitted), fitted
+  s0 = initial_scale(w, bits, scale_mode)
+  scale = lax.fori_loop(0, iterations,
+                        lambda _, s: best_scale(w, assign(s), scale_mode, fallback=s), s0)
+  return assign(scale), scale
 
 
 def project(w: jax.Array, bits: int, scale_mode: str = "channel", kind: str | None = None,

@@ -202,7 +202,6 @@ def apply_masks(masks: Params) -> optax.GradientTransformation:
 class KeepOnGridState(NamedTuple):
   """The float weights behind the quantized ones (straight-through training)."""
   latent: optax.Params  # float copy of every k-bit leaf (optax.MaskedNode for the others)
-  scale: optax.Params   # each k-bit leaf's current grid scale (per channel or per layer)
 
 
 def keep_on_grid(spec: sparsity.SparsitySpec | dict, masks: Params | None = None
@@ -210,11 +209,10 @@ def keep_on_grid(spec: sparsity.SparsitySpec | dict, masks: Params | None = None
   """Keeps every leaf with a k-bit rule on its grid: quantization-aware training with a
   straight-through estimator, as an optax transform; place it last (after `apply_masks`).
 
-  The state holds float "latent" weights L (init: the params) and the grid's scale. Each
-  update adds the incoming update to L and returns the update that lands the params exactly
-  on Q(L): its grid point, `quantization.fit(L)` with the rule's bits and scale mode, the
-  scale refitted each step starting from the previous one (so it moves smoothly: a local
-  optimum near the last, see `quantization`). The loss is evaluated at Q(L), and its gradient
+  The state holds float "latent" weights L (init: the params). Each update adds the incoming
+  update to L and returns the update that lands the params exactly on Q(L): its grid point,
+  `quantization.fit(L)` with the rule's bits and scale mode, the scale refitted each step
+  (a local optimum, see `quantization`). The loss is evaluated at Q(L), and its gradient
   moves L as if Q were the identity: that is the straight-through estimator, with no custom
   gradient in the model. With `masks` (as from `sparsity.hard_prune`) L is kept 0 outside
   them, so pruned weights stay exactly 0; inside them a weight may round to 0 and back.
@@ -241,31 +239,29 @@ def keep_on_grid(spec: sparsity.SparsitySpec | dict, masks: Params | None = None
   def init_fn(params):
     _check_params(params, "keep_on_grid.init")
     # A copy: the params' own buffer would be donated twice by a training step.
-    rules = quantized_rules(params)
-    latent = sparsity.map_pruned(lambda r, w: jnp.copy(w), rules, params,
+    latent = sparsity.map_pruned(lambda r, w: jnp.copy(w), quantized_rules(params), params,
                                  default=lambda _: optax.MaskedNode())
-    scale = sparsity.map_pruned(lambda r, w: quantization.fit(w, r.bits, r.scale_mode)[1],
-                                rules, params, default=lambda _: optax.MaskedNode())
-    return KeepOnGridState(latent, scale)
+    return KeepOnGridState(latent)
 
   def update_fn(updates, state, params=None):
     _check_params(params, "keep_on_grid.update")
     rules = quantized_rules(params)
 
-    def one(rule, u, w, lat, s, m):
+    def one(rule, u, w, lat, m):
       lat = lat + u.astype(lat.dtype)
       if m is not None:
         lat = jnp.where(m, lat, jnp.zeros((), lat.dtype))
-      c, s = quantization.fit(lat, rule.bits, rule.scale_mode, scale=s)
-      return ((c * s).astype(w.dtype) - w).astype(u.dtype), lat, s
+      c, s = quantization.fit(lat, rule.bits, rule.scale_mode)
+      return ((c * s).astype(w.dtype) - w).astype(u.dtype), lat
 
-    triples = jax.tree.map(
-        lambda r, u, w, lat, s, m: (u, lat, s) if r is None else one(r, u, w, lat, s, m),
-        rules, updates, params, state.latent, state.scale, masks_like(params),
+    pairs = jax.tree.map(
+        lambda r, u, w, lat, m: (u, lat) if r is None else one(r, u, w, lat, m),
+        rules, updates, params, state.latent, masks_like(params),
         is_leaf=lambda x: x is None or isinstance(x, (sparsity.Rule, optax.MaskedNode)))
-    is_triple = lambda x: isinstance(x, tuple)
-    pick = lambda i: jax.tree.map(lambda t: t[i], triples, is_leaf=is_triple)
-    return pick(0), KeepOnGridState(pick(1), pick(2))
+    is_pair = lambda x: isinstance(x, tuple)
+    new_updates = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
+    latent = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
+    return new_updates, KeepOnGridState(latent)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
