@@ -4,11 +4,14 @@ The library, to compose into your own training (each a module of this package):
 
   projections   exact Euclidean projections onto sparsity sets (irregular, column, filter, N:M)
   sparsity      regex sparsity specs, masks, hard pruning, per-layer reports
-  transforms    the optax transforms: admm (Z/U in the optimizer state), apply_masks
+  quantization  exact projections onto k-bit grids, alone or with a sparsity set
+  transforms    the optax transforms: admm (Z/U in the optimizer state), apply_masks,
+                keep_on_grid (straight-through k-bit retraining)
   losses        TRADES / MART training losses
   attacks       PGD, FGSM and AutoAttack (APGD, APGD-T, FAB-T, Square, the cascade)
   models        LeNet, VGG-16, ResNet-18 with a width multiplier, and their registry
   graph, compaction   a pruned network as a smaller graph, exported with jax.export
+  deploy        its k-bit codes packed into bytes, and the graph as ONNX (DequantizeLinear)
   kernels       CPU convolutions (opt-in)
 
 The application that runs the whole recipe lives in `admm_jax.app` (configs, stages, the
@@ -21,8 +24,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-LIBRARY = ("attacks", "compaction", "graph", "kernels", "losses", "models", "projections",
-           "sparsity", "transforms")
+LIBRARY = ("attacks", "compaction", "deploy", "graph", "kernels", "losses", "models",
+           "projections", "quantization", "sparsity", "transforms")
 # The application's modules, reachable here by their names before they moved to admm_jax.app
 # (`from admm_jax import configlib` in configs written for the earlier layout).
 _APPLICATION = ("checkpoint", "cli", "configlib", "context", "data", "errors", "parallel",

@@ -209,3 +209,27 @@ def project(w: jax.Array, kind: str, ratio: float | None) -> jax.Array:
   See `mask` for the arguments and the module docstring for rounding and ties.
   """
   return jnp.where(mask(w, kind, ratio), w, jnp.zeros((), jnp.asarray(w).dtype))
+
+
+def mask_from_scores(scores: jax.Array, kind: str, ratio: float | None) -> jax.Array:
+  """Keep-mask of the groups of `kind` with the largest summed non-negative per-weight score.
+
+  With scores = w^2 this is `mask(w, kind, ratio)`; other scores give the exact projection
+  onto other sets with the same sparsity structure (`quantization.sparse_codes` scores each
+  weight by what keeping its nearest grid level saves). Same rounding and ties as `mask`.
+  """
+  x = jnp.asarray(scores, jnp.float32)
+  validate(kind, ratio, tuple(x.shape))
+  n_m = parse_n_m(kind)
+  if n_m is not None:
+    return _n_m_mask(x, *n_m)
+  if kind == "irregular":
+    groups = x.reshape(-1)
+  else:
+    groups = jnp.sum(x.reshape(-1, x.shape[-1]), axis=0 if kind == "filter" else 1)
+  n = num_groups(x.shape, kind)
+  keep = top_k_mask(groups, n - num_removed(n, ratio))
+  if kind == "irregular":
+    return keep.reshape(x.shape)
+  rows = keep[None, :] if kind == "filter" else keep[:, None]
+  return jnp.broadcast_to(rows, (num_groups(x.shape, "column"), x.shape[-1])).reshape(x.shape)

@@ -1,12 +1,15 @@
 """Which parameters are pruned, how, and how sparse the result is.
 
-A spec maps regular expressions to ``(kind, ratio)``. A pattern is matched *in full*
+A spec maps regular expressions to ``(kind, ratio)``, or ``(kind, ratio, bits)`` /
+``(kind, ratio, bits, scale_mode)`` for weights that must also lie on a k-bit symmetric grid
+(`admm_jax.quantization`: bits in 2..8, a scale per output channel by default or per layer).
+A pattern is matched *in full*
 against the '/'-joined path of a parameter leaf, e.g. ``"conv1/kernel"`` or
 ``"Dense_.*/kernel"`` for a flax.linen params dict (the ``.value`` attribute of a flax.nnx
 Variable is not part of the path). Every pattern must match at least one leaf and no leaf
 may be matched by two patterns: both mistakes are errors, not silent no-ops.
 
-    spec = sparsity.spec({"conv1/kernel": ("filter", 0.8), "fc.*/kernel": ("irregular", 0.99)})
+    spec = sparsity.spec({"conv1/kernel": ("filter", 0.8), "fc.*/kernel": ("irregular", 0.99, 4)})
     params, masks = sparsity.hard_prune(params, spec)
     print(sparsity.format_report(sparsity.report(params, spec)))
 """
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from admm_jax import projections
+from admm_jax import projections, quantization
 
 Params = Any
 
@@ -30,6 +33,8 @@ class Rule(NamedTuple):
   """How one parameter leaf is pruned."""
   kind: str              # "irregular", "filter", "column" or "n:m"
   ratio: float | None    # fraction of groups removed (None for n:m)
+  bits: int | None = None     # the weights also lie on this k-bit grid (None: float)
+  scale_mode: str = "channel"  # the grid's scale: one per output channel, or per "layer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,15 +43,17 @@ class SparsitySpec:
   rules: tuple[tuple[str, Rule], ...]
 
   def __repr__(self) -> str:
-    inner = ", ".join(f"{p!r}: {tuple(r)!r}" for p, r in self.rules)
+    inner = ", ".join(f"{p!r}: {tuple(r) if r.bits is not None else tuple(r)[:2]!r}"
+                      for p, r in self.rules)
     return f"spec({{{inner}}})"
 
 
-def spec(mapping: Mapping[str, tuple[str, float | None]] | SparsitySpec) -> SparsitySpec:
-  """Validates and freezes a {pattern: (kind, ratio)} mapping.
+def spec(mapping: Mapping[str, tuple] | SparsitySpec) -> SparsitySpec:
+  """Validates and freezes a {pattern: (kind, ratio[, bits[, scale_mode]])} mapping.
 
   Raises:
-    ValueError: naming the pattern, for a bad regex, an unknown kind or a ratio outside [0, 1).
+    ValueError: naming the pattern, for a bad regex, an unknown kind, a ratio outside [0, 1),
+      bits outside 2..8 or an unknown scale mode.
   """
   if isinstance(mapping, SparsitySpec):
     return mapping
@@ -60,12 +67,15 @@ def spec(mapping: Mapping[str, tuple[str, float | None]] | SparsitySpec) -> Spar
       re.compile(pattern)
     except re.error as e:
       raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {e}.") from None
-    if isinstance(value, str) or not isinstance(value, (tuple, list)) or len(value) != 2:
-      raise ValueError(f"pattern {pattern!r} needs a (kind, ratio) pair, got {value!r}, e.g. "
-                       "('filter', 0.8) or ('2:4', None).")
-    kind, ratio = value
+    if isinstance(value, str) or not isinstance(value, (tuple, list)) or not 2 <= len(value) <= 4:
+      raise ValueError(f"pattern {pattern!r} needs a (kind, ratio) pair or a (kind, ratio, bits"
+                       f"[, scale_mode]) tuple, got {value!r}, e.g. ('filter', 0.8), "
+                       "('2:4', None) or ('irregular', 0.9, 4).")
+    kind, ratio, *rest = value
     projections.validate(kind, ratio, where=f"pattern {pattern!r}")
-    rules.append((pattern, Rule(kind, None if ratio is None else float(ratio))))
+    if rest and rest[0] is not None:
+      quantization.validate(*rest, where=f"pattern {pattern!r}")
+    rules.append((pattern, Rule(kind, None if ratio is None else float(ratio), *rest)))
   return SparsitySpec(tuple(rules))
 
 
@@ -100,8 +110,11 @@ def _rule_for(path: str, shape: tuple[int, ...], the_spec: SparsitySpec) -> Rule
                      "make the patterns disjoint.")
   if not hits:
     return None
-  projections.validate(hits[0][1].kind, hits[0][1].ratio, shape, where=f"parameter {path!r}")
-  return hits[0][1]
+  rule = hits[0][1]
+  projections.validate(rule.kind, rule.ratio, shape, where=f"parameter {path!r}")
+  if rule.bits is not None:
+    quantization.validate(rule.bits, rule.scale_mode, shape, where=f"parameter {path!r}")
+  return rule
 
 
 def rules_tree(params: Params, the_spec: SparsitySpec) -> Params:
@@ -145,23 +158,47 @@ def map_pruned(fn, rules: Params, *trees: Params, default=None) -> Params:
   return jax.tree.map(one, rules, *trees, is_leaf=_is_rule_leaf)
 
 
+def project(rule: Rule, w: jax.Array) -> jax.Array:
+  """The projection of one leaf onto its rule's set: sparse, or sparse AND on its k-bit grid
+  (`quantization.project`: exact for the scale it settles on, a local optimum in the scale)."""
+  if rule.bits is None:
+    return projections.project(w, rule.kind, rule.ratio)
+  return quantization.project(w, rule.bits, rule.scale_mode, rule.kind, rule.ratio)
+
+
+def project_and_mask(rule: Rule, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(`project(rule, w)`, the keep-mask of its groups): for a k-bit rule the groups the
+  projection keeps (inside them a weight may still round to 0 and move off 0 later)."""
+  if rule.bits is None:
+    m = projections.mask(w, rule.kind, rule.ratio)
+    return w * m.astype(w.dtype), m   # as hard pruning always did (bit for bit)
+  c, s = quantization.fit(w, rule.bits, rule.scale_mode, rule.kind, rule.ratio)
+  m = projections.mask_from_scores(quantization.gains(w, s, rule.bits), rule.kind, rule.ratio)
+  return (c * s).astype(w.dtype), m
+
+
 def masks(params: Params, the_spec: SparsitySpec) -> Params:
   """Keep-masks of the projection of every pruned leaf; None for the other leaves."""
-  return map_pruned(lambda r, w: projections.mask(w, r.kind, r.ratio),
-                    rules_tree(params, the_spec), params)
+  return map_pruned(lambda r, w: project_and_mask(r, w)[1], rules_tree(params, the_spec), params)
 
 
 def hard_prune(params: Params, the_spec: SparsitySpec) -> tuple[Params, Params]:
-  """Projects every pruned leaf onto its sparsity set: W = Proj(W).
+  """Projects every pruned leaf onto its set: W = Proj(W) (sparse, and on its grid if k-bit).
 
   Returns:
     (pruned params, masks): masks has the params' structure, a bool array for every pruned
     leaf and None for the others; pass it to `transforms.apply_masks` for masked retraining.
   """
-  the_masks = masks(params, the_spec)
-  pruned = jax.tree.map(lambda m, w: w if m is None else w * m.astype(w.dtype),
-                        the_masks, params, is_leaf=lambda x: x is None)
+  both = map_pruned(project_and_mask, rules_tree(params, the_spec), params)
+  is_pair = lambda x: x is None or isinstance(x, tuple)
+  pruned = jax.tree.map(lambda pm, w: w if pm is None else pm[0], both, params, is_leaf=is_pair)
+  the_masks = jax.tree.map(lambda pm: None if pm is None else pm[1], both, is_leaf=is_pair)
   return pruned, the_masks
+
+
+def without_bits(the_spec: SparsitySpec) -> SparsitySpec:
+  """The same spec with every k-bit grid dropped: the sparsity sets alone."""
+  return SparsitySpec(tuple((p, Rule(r.kind, r.ratio)) for p, r in spec(the_spec).rules))
 
 
 def frobenius_norm(x: jax.Array) -> jax.Array:
@@ -177,7 +214,7 @@ def distance_to_set(params: Params, the_spec: SparsitySpec, relative: bool = Fal
   when the kept groups hold almost nothing).
   """
   def one(rule, w):
-    d = frobenius_norm(w - projections.project(w, rule.kind, rule.ratio))
+    d = frobenius_norm(w - project(rule, w))
     return d / frobenius_norm(w) if relative else d
   tree = map_pruned(one, rules_tree(params, the_spec), params)
   flat = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None)
@@ -194,6 +231,7 @@ class LayerReport:
   params: int
   nonzero: int
   zero_fraction: float
+  bits: int | None = None  # the k-bit grid of the rule (None: float weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +265,8 @@ def report(params: Params, the_spec: SparsitySpec) -> Report:
     if rule is not None:
       groups, pruned = _group_count_zero(w, rule.kind)
       layers[path_str(path)] = LayerReport(rule.kind, rule.ratio, groups, pruned, pruned / groups,
-                                           int(w.size), nonzero, 1.0 - nonzero / max(w.size, 1))
+                                           int(w.size), nonzero, 1.0 - nonzero / max(w.size, 1),
+                                           rule.bits)
   return Report(layers, int(total), nonzero_total, total / max(nonzero_total, 1))
 
 

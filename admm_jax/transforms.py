@@ -11,7 +11,10 @@ Compose them with any optax optimizer, model and training loop:
 `admm` goes FIRST in the chain: it edits the loss gradient (adds the penalty's gradient), so
 the optimizer that follows sees the gradient of the augmented Lagrangian. `apply_masks` goes
 LAST: it edits the final update, so nothing placed before it (momentum, weight decay,
-schedules, MultiSteps) can move a pruned weight.
+schedules, MultiSteps) can move a pruned weight. For k-bit rules `keep_on_grid` follows it
+and keeps the weights on their grids (a straight-through estimator):
+
+    tx = optax.chain(optax.adam(1e-3), apply_masks(masks), keep_on_grid(spec, masks))
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from admm_jax import projections, sparsity
+from admm_jax import quantization, sparsity
 
 Params = Any
 
@@ -84,7 +87,7 @@ def admm(spec: sparsity.SparsitySpec | dict, *, rho: float, update_every: int,
   def init_fn(params):
     _check_params(params, "admm.init")
     rules = sparsity.rules_tree(params, spec)
-    z = sparsity.map_pruned(lambda r, w: projections.project(w, r.kind, r.ratio), rules, params,
+    z = sparsity.map_pruned(sparsity.project, rules, params,
                             default=lambda _: optax.MaskedNode())
     u = sparsity.map_pruned(lambda r, w: jnp.zeros_like(w), rules, params,
                             default=lambda _: optax.MaskedNode())
@@ -123,7 +126,7 @@ def zu_update(rules: Params, params: Params, u: Params) -> tuple[Params, Params]
     (Z, U): new pytrees like params, with optax.MaskedNode on the unpruned leaves.
   """
   masked = lambda *_: optax.MaskedNode()
-  z = sparsity.map_pruned(lambda r, w, uu: projections.project(w + uu, r.kind, r.ratio),
+  z = sparsity.map_pruned(lambda r, w, uu: sparsity.project(r, w + uu),
                           rules, params, u, default=masked)
   u = sparsity.map_pruned(lambda r, w, uu, zz: uu + w - zz, rules, params, u, z, default=masked)
   return z, u
@@ -192,6 +195,73 @@ def apply_masks(masks: Params) -> optax.GradientTransformation:
       return jnp.where(m, u, -w[0] if w else jnp.zeros_like(u)).astype(u.dtype)
     trees = (updates,) if params is None else (updates, params)
     return jax.tree.map(one, state.masks, *trees, is_leaf=_is_node_leaf), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class KeepOnGridState(NamedTuple):
+  """The float weights behind the quantized ones (straight-through training)."""
+  latent: optax.Params  # float copy of every k-bit leaf (optax.MaskedNode for the others)
+
+
+def keep_on_grid(spec: sparsity.SparsitySpec | dict, masks: Params | None = None
+                 ) -> optax.GradientTransformation:
+  """Keeps every leaf with a k-bit rule on its grid: quantization-aware training with a
+  straight-through estimator, as an optax transform; place it last (after `apply_masks`).
+
+  The state holds float "latent" weights L (init: the params). Each update adds the incoming
+  update to L and returns the update that lands the params exactly on Q(L): its grid point,
+  `quantization.fit(L)` with the rule's bits and scale mode, the scale refitted each step
+  (a local optimum, see `quantization`). The loss is evaluated at Q(L), and its gradient
+  moves L as if Q were the identity: that is the straight-through estimator, with no custom
+  gradient in the model. With `masks` (as from `sparsity.hard_prune`) L is kept 0 outside
+  them, so pruned weights stay exactly 0; inside them a weight may round to 0 and back.
+
+  Args:
+    spec: the sparsity spec; its rules with bits name the quantized leaves.
+    masks: optional keep-masks (params structure, None for leaves without one).
+
+  Returns:
+    An optax.GradientTransformation whose state is `KeepOnGridState`; it requires params.
+  """
+  spec = sparsity.spec(spec)
+
+  def quantized_rules(params):
+    rules = sparsity.rules_tree(params, spec)
+    return jax.tree.map(lambda r: r if r is not None and r.bits is not None else None, rules,
+                        is_leaf=_is_node_leaf)
+
+  def masks_like(params):
+    if masks is None:
+      return jax.tree.map(lambda _: None, params)
+    return masks
+
+  def init_fn(params):
+    _check_params(params, "keep_on_grid.init")
+    # A copy: the params' own buffer would be donated twice by a training step.
+    latent = sparsity.map_pruned(lambda r, w: jnp.copy(w), quantized_rules(params), params,
+                                 default=lambda _: optax.MaskedNode())
+    return KeepOnGridState(latent)
+
+  def update_fn(updates, state, params=None):
+    _check_params(params, "keep_on_grid.update")
+    rules = quantized_rules(params)
+
+    def one(rule, u, w, lat, m):
+      lat = lat + u.astype(lat.dtype)
+      if m is not None:
+        lat = jnp.where(m, lat, jnp.zeros((), lat.dtype))
+      c, s = quantization.fit(lat, rule.bits, rule.scale_mode)
+      return ((c * s).astype(w.dtype) - w).astype(u.dtype), lat
+
+    pairs = jax.tree.map(
+        lambda r, u, w, lat, m: (u, lat) if r is None else one(r, u, w, lat, m),
+        rules, updates, params, state.latent, masks_like(params),
+        is_leaf=lambda x: x is None or isinstance(x, (sparsity.Rule, optax.MaskedNode)))
+    is_pair = lambda x: isinstance(x, tuple)
+    new_updates = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
+    latent = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
+    return new_updates, KeepOnGridState(latent)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

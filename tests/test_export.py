@@ -308,7 +308,8 @@ def exported_run(workdir, tmp_path_factory):
 def test_cli_export_writes_artifact_params_and_measures(exported_run):
   out, summary = exported_run
   assert sorted(os.listdir(out)) == ["export.json", "graph.json", "model.jaxexport",
-                                     "params.npz"]
+                                     "model.onnx", "params.npz"]
+  assert summary["onnx"]["max_abs_logit_difference"] <= 1e-4 and summary["quantization"] == {}
   with open(os.path.join(out, "export.json")) as f:
     assert json.load(f) == json.loads(json.dumps(summary))
   assert summary["artifact"] == "model.jaxexport"

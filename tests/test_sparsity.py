@@ -22,7 +22,7 @@ def test_patterns_match_full_paths(params):
   spec = sparsity.spec({"Conv_.*/kernel": ("filter", 0.5), "Dense_0/kernel": ("irregular", 0.9)})
   rules = sparsity.resolve(params, spec)
   assert sorted(rules) == ["Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel"]
-  assert rules["Conv_1/kernel"] == ("filter", 0.5)
+  assert rules["Conv_1/kernel"] == sparsity.Rule("filter", 0.5)  # bits None, scale per channel
   # "Dense_0" alone does not match "Dense_0/kernel": patterns match the whole path.
   with pytest.raises(ValueError, match="Dense_0.*matches no parameter"):
     sparsity.resolve(params, sparsity.spec({"Dense_0": ("irregular", 0.5)}))

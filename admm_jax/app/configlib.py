@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from admm_jax import attacks, losses, models, projections
+from admm_jax import attacks, losses, models, projections, quantization
 from admm_jax.kernels import CONV_IMPLS
 from admm_jax.app.stages import STAGES
 from admm_jax.app.errors import UserError
@@ -149,21 +149,40 @@ def cifar10_recipe(model: str, conv_pattern: str, arg: str | None) -> ml_collect
   return c
 
 
-def parse_sparsity(text: str) -> dict[str, tuple[str, float | None]]:
-  """'pattern=kind:ratio,...' -> {pattern: (kind, ratio)}; N:M kinds have no ratio
-  ('fc1/kernel=2:4')."""
+_BITS = re.compile(r"(\d+)b(-layer|-channel)?")
+
+
+def _bits_field(item: str, rule: str) -> tuple[str, tuple]:
+  """Splits a trailing ':<k>b[-layer]' off a rule: (the rest, () or (bits, scale_mode))."""
+  head, sep, last = rule.rpartition(":")
+  if not sep or not re.fullmatch(r"\d+b.*", last):
+    return rule, ()
+  match = _BITS.fullmatch(last)
+  if not match:
+    raise ConfigError(f"sparsity entry {item!r}: bits field {last!r} is not '<k>b' or "
+                      "'<k>b-layer' (e.g. irregular:0.9:4b for 4 bits, a scale per output "
+                      "channel).")
+  return head, (int(match.group(1)), "layer" if match.group(2) == "-layer" else "channel")
+
+
+def parse_sparsity(text: str) -> dict[str, tuple]:
+  """'pattern=kind:ratio[:<k>b[-layer]],...' -> {pattern: (kind, ratio[, bits, scale_mode])};
+  N:M kinds have no ratio ('fc1/kernel=2:4', 'fc1/kernel=2:4:4b'). A trailing ':4b' puts
+  the kept weights on a 4-bit grid with a scale per output channel, ':4b-layer' with one
+  scale for the layer."""
   out = {}
   for item in filter(None, (s.strip() for s in text.split(","))):
     pattern, sep, rule = item.rpartition("=")
     if not sep or not pattern:
       raise ConfigError(f"sparsity entry {item!r} is not 'pattern=kind:ratio' "
                         "(e.g. 'conv1/kernel=filter:0.8' or 'fc1/kernel=2:4').")
+    rule, bits = _bits_field(item, rule)
     if re.fullmatch(r"\d+:\d+", rule):
-      out[pattern] = (rule, None)
+      out[pattern] = (rule, None, *bits)
       continue
     kind, _, ratio = rule.partition(":")
     try:
-      out[pattern] = (kind, float(ratio))
+      out[pattern] = (kind, float(ratio), *bits)
     except ValueError:
       raise ConfigError(f"sparsity entry {item!r}: ratio {ratio!r} is not a number "
                         "(write kind:ratio, e.g. irregular:0.9).") from None
@@ -308,9 +327,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not rules:
       _fail("sparsity", config.sparsity, "name at least one 'pattern=kind:ratio' for the "
             f"pruning stages ({', '.join(s for s in names if STAGES[s].sparse)})")
-    for pattern, (kind, ratio) in rules.items():
+    for pattern, (kind, ratio, *bits) in rules.items():
       try:
         re.compile(pattern)
         projections.validate(kind, ratio, where=f"pattern {pattern!r}")
+        if bits:
+          quantization.validate(*bits, where=f"pattern {pattern!r}")
       except (ValueError, re.error) as e:
         raise ConfigError(f"config.sparsity={config.sparsity!r} is invalid: {e}") from None

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from admm_jax import deploy, sparsity
 from admm_jax import graph as graph_lib
-from admm_jax import sparsity
 from admm_jax.compaction import (ARTIFACT, PLATFORMS, apply_masks, compact, exported,
                                  flops_per_example, num_params, save_params, serialize,
                                  spec_masks)
@@ -172,6 +172,7 @@ class _Compacted(NamedTuple):
   params: Params
   dense_graph: Graph     # the masked model as a graph: its FLOPs, its artifact's size
   dense_params: Params
+  bits: dict             # {node: (bits, scale_mode)} of the k-bit layers ({} for float)
 
   def masked_apply(self, x: jax.Array) -> jax.Array:
     return self.model.apply(self.masked, x, train=False)
@@ -192,7 +193,7 @@ def _compact_stage(workdir: str, stage: str, report: dict) -> _Compacted:
   from admm_jax import models
   from admm_jax.app import configlib, data  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(report["config"])
-  logging.info("export 1/6: loading %s's output and the %s test split", stage, config.data.name)
+  logging.info("export 1/7: loading %s's output and the %s test split", stage, config.data.name)
   dataset = data.load_dataset(config.data.name, config.data.dir, config.data.validation_size,
                               config.seed, limit_train=config.data.limit_train,
                               limit_test=config.data.limit_test,
@@ -200,14 +201,19 @@ def _compact_stage(workdir: str, stage: str, report: dict) -> _Compacted:
   model = models.get_model(config.model.name, config.model.width, dataset.num_classes)
   variables = _load_variables(workdir, stage, model, dataset.image_shape)
   the_spec = sparsity.spec(configlib.parse_sparsity(config.sparsity))
-  logging.info("export 2/6: compacting %s(w=%d) pruned by %s", config.model.name,
+  logging.info("export 2/7: compacting %s(w=%d) pruned by %s", config.model.name,
                config.model.width, config.sparsity)
-  masks = spec_masks(variables["params"], the_spec)
+  # k-bit layers are masked by their sparsity set alone: a trained grid weight is in it, and
+  # its projection keeps every nonzero (refitting the grid's scale here could move it).
+  masks = spec_masks(variables["params"], sparsity.without_bits(the_spec))
   masked = dict(variables, params=apply_masks(variables["params"], masks))
-  kinds = {k: r.kind for k, r in sparsity.resolve(variables["params"], the_spec).items()}
+  rules = sparsity.resolve(variables["params"], the_spec)
+  kinds = {k: r.kind for k, r in rules.items()}
   g, params = compact(model, masked, masks, dataset.image_shape, kinds=kinds)
+  bits = {k.rsplit("/", 1)[0]: (r.bits, r.scale_mode) for k, r in rules.items()
+          if r.bits is not None}
   return _Compacted(config, dataset, model, variables, masked, g, params,
-                    *graph_lib.from_model(model, masked, dataset.image_shape))
+                    *graph_lib.from_model(model, masked, dataset.image_shape), bits)
 
 
 def measure_compaction(workdir: str, stage: str = "retrain", batch: int = 256,
@@ -227,6 +233,70 @@ def measure_compaction(workdir: str, stage: str = "retrain", batch: int = 256,
                         "compact": _median_latency(compact_fn, x, repeats)}}
 
 
+ONNX_FILE = "model.onnx"
+PACKED_FILE = "quantized.bin"
+
+
+def _require_onnx() -> None:
+  try:
+    import onnx, onnxruntime  # noqa: F401,E401  pylint: disable=import-outside-toplevel,multiple-imports
+  except ImportError as e:
+    raise ExportError(f"the export writes an ONNX model and needs {e.name}: install the onnx "
+                      "extra (pip install 'admm_jax[onnx]').") from None
+
+
+def _deployables(c: _Compacted, tmp: str) -> tuple[dict, Any]:
+  """Writes the packed k-bit file (if any layer has bits) and model.onnx into `tmp`; returns
+  ({file: bytes}, the ONNX model). ExportError for a layer off its grid or an op ONNX lacks."""
+  try:
+    quantized = deploy.quantize_graph(c.graph, c.params, c.bits)
+    model = deploy.to_onnx(c.graph, c.params, quantized)
+  except (deploy.OffGridError, deploy.UnsupportedOpError) as e:
+    raise ExportError(f"cannot export: {e}") from None
+  sizes = {}
+  if quantized:
+    blob, meta = deploy.pack(c.graph, c.params, quantized)
+    sizes["quantized_params"] = deploy.write_packed(os.path.join(tmp, PACKED_FILE), blob, meta)
+  with open(os.path.join(tmp, ONNX_FILE), "wb") as f:
+    f.write(model.SerializeToString())
+  sizes["onnx"] = os.path.getsize(os.path.join(tmp, ONNX_FILE))
+  return sizes, quantized
+
+
+def _check_onnx(path: str, jax_fn, dataset, batch_size: int, latency_batches, repeats: int
+                ) -> dict[str, Any]:
+  """onnxruntime on the written file: test accuracy, largest |logit - jax logit| over the
+  whole test split, and median latency per batch size."""
+  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+  from admm_jax.app import data  # pylint: disable=import-outside-toplevel
+  sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+  run = lambda x: sess.run(["logits"], {"images": np.asarray(x, np.float32)})[0]
+  correct = count = 0
+  diff = 0.0
+  for batch in data.epoch_batches(dataset.test, batch_size, seed=0, epoch=0, shuffle=False,
+                                  drop_remainder=False):
+    m = np.asarray(batch["mask"], bool)
+    x, y = np.asarray(batch["image"])[m], np.asarray(batch["label"])[m]
+    logits = run(x)
+    diff = max(diff, float(np.max(np.abs(logits - np.asarray(jax_fn(x))))))
+    correct += int(np.sum(np.argmax(logits, -1) == y))
+    count += len(y)
+  latency = {}
+  for b in latency_batches:
+    x = np.asarray(jax.random.uniform(jax.random.key(b), (b,) + tuple(dataset.image_shape)))
+    run(x)
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      run(x)
+      times.append(time.perf_counter() - t)
+    latency[f"batch_{b}_s"] = float(np.median(times))
+  return {"file": os.path.basename(path), "opset": deploy.OPSET,
+          "onnxruntime_version": ort.__version__, "test_examples": count,
+          "natural_accuracy": correct / max(count, 1), "max_abs_logit_difference": diff,
+          "latency": {"provider": "CPUExecutionProvider", "repeats": repeats, **latency}}
+
+
 def export_workdir(workdir: str, out: str, stage: str = "retrain",
                    latency_batches: tuple[int, ...] = (1, 256), repeats: int = 5) -> dict:
   """Compacts a run's stage output, writes the export to `out` and returns export.json.
@@ -238,13 +308,15 @@ def export_workdir(workdir: str, out: str, stage: str = "retrain",
   from admm_jax.app import data  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(workdir)
   report, record = _read_stage(workdir, stage)
+  _require_onnx()
   out, tmp = _temp_out(out)
   try:
     t0 = time.time()
     c = _compact_stage(workdir, stage, report)
     config, dataset, variables, g, params = c.config, c.dataset, c.variables, c.graph, c.params
 
-    logging.info("export 3/6: writing params.npz, graph.json and %s", ARTIFACT)
+    logging.info("export 3/7: writing params.npz, graph.json, %s and %s", ARTIFACT, ONNX_FILE)
+    deploy_bytes, quantized = _deployables(c, tmp)
     save_params(tmp, g, params)
     compact_export = exported(g, params)
     with open(os.path.join(tmp, ARTIFACT), "wb") as f:
@@ -253,7 +325,7 @@ def export_workdir(workdir: str, out: str, stage: str = "retrain",
       artifact = jax.export.deserialize(bytearray(f.read()))
     dense_artifact_bytes = len(serialize(c.dense_graph, c.dense_params))
 
-    logging.info("export 4/6: natural and PGD-%d accuracy of the artifact on %d test examples",
+    logging.info("export 4/7: natural and PGD-%d accuracy of the artifact on %d test examples",
                  config.attack.eval_steps, len(dataset.test))
     with_vjp = jax.export.deserialize(compact_export.serialize(vjp_order=1))
     evaluation = _evaluate(with_vjp, c.masked_apply, dataset, config, stage)
@@ -263,7 +335,7 @@ def export_workdir(workdir: str, out: str, stage: str = "retrain",
     evaluation["artifact_file_matches"] = bool(
         np.array_equal(np.asarray(artifact.call(probe)), np.asarray(with_vjp.call(probe))))
 
-    logging.info("export 5/6: latency at batch %s, dense-masked vs compact (%s)",
+    logging.info("export 5/7: latency at batch %s, dense-masked vs compact (%s)",
                  "/".join(map(str, latency_batches)), jax.devices()[0].platform)
     dense_fn, compact_fn = jax.jit(c.masked_apply), jax.jit(artifact.call)
     latency = {}
@@ -272,10 +344,18 @@ def export_workdir(workdir: str, out: str, stage: str = "retrain",
       latency[f"batch_{b}"] = {"dense_masked_s": _median_latency(dense_fn, x, repeats),
                                "compact_s": _median_latency(compact_fn, x, repeats)}
 
-    logging.info("export 6/6: export.json")
+    logging.info("export 6/7: onnxruntime on %s: test accuracy, logits, latency", ONNX_FILE)
+    onnx_check = _check_onnx(os.path.join(tmp, ONNX_FILE), jax.jit(artifact.call), dataset,
+                             config.eval_batch_size, latency_batches, repeats)
+
+    logging.info("export 7/7: export.json")
     counts = c.counts()
     summary = {
         "artifact": ARTIFACT, "params_file": "params.npz", "graph_file": "graph.json",
+        "onnx_file": ONNX_FILE,
+        "quantized_file": PACKED_FILE if quantized else None,
+        "quantization": {k: {"bits": v["bits"], "scale_mode": v["scale_mode"]}
+                         for k, v in quantized.items()},
         "workdir": workdir, "stage": stage,
         "model": {"name": config.model.name, "width": config.model.width,
                   "input_shape": list(dataset.image_shape), "sparsity": config.sparsity},
@@ -285,7 +365,9 @@ def export_workdir(workdir: str, out: str, stage: str = "retrain",
         "bytes": {"dense_params": _dense_bytes(variables, tmp),
                   "compact_params": os.path.getsize(os.path.join(tmp, "params.npz")),
                   "dense_artifact": dense_artifact_bytes,
-                  "compact_artifact": os.path.getsize(os.path.join(tmp, ARTIFACT))},
+                  "compact_artifact": os.path.getsize(os.path.join(tmp, ARTIFACT)),
+                  **deploy_bytes},
+        "onnx": onnx_check,
         "flops_per_example": {**counts["flops_per_example"],
                               "compact_nonzero": flops_per_example(g, params, nonzero=True)},
         "latency": {"device": str(jax.devices()[0].device_kind),

@@ -141,10 +141,21 @@ def admm(start: StageStart) -> tuple[Variables, optax.GradientTransformation]:
 
 
 def hard_prune_then_mask(start: StageStart) -> tuple[Variables, optax.GradientTransformation]:
-  """Hard prune the projection of W (not Z), then keep the zero pattern through training."""
+  """Hard prune the projection of W (not Z), then keep the zero pattern through training.
+
+  Layers with bits in the spec are projected onto their sparse k-bit grid and retrained on it
+  (`transforms.keep_on_grid`, straight-through), inside the stage's own epochs.
+  """
   params, masks = sparsity.hard_prune(start.variables["params"], start.spec)
-  return (dict(start.variables, params=params),
-          optax.chain(start.optimizer, transforms.apply_masks(masks)))
+  return dict(start.variables, params=params), _masked_chain(start, masks)
+
+
+def _masked_chain(start: StageStart, masks) -> optax.GradientTransformation:
+  """The stage's optimizer, then the masks, then (for layers with bits) their k-bit grids."""
+  chain = [start.optimizer, transforms.apply_masks(masks)]
+  if any(r.bits is not None for _, r in start.spec.rules):
+    chain.append(transforms.keep_on_grid(start.spec, masks))
+  return optax.chain(*chain)
 
 
 def inherited(start: StageStart) -> tuple[Variables, optax.GradientTransformation]:
@@ -157,8 +168,7 @@ def inherited(start: StageStart) -> tuple[Variables, optax.GradientTransformatio
   masks = sparsity.masks(start.variables["params"], start.spec)
   params = jax.tree.map(lambda m, w: w if m is None else w * m.astype(w.dtype),
                         masks, start.fresh["params"], is_leaf=lambda x: x is None)
-  return (dict(start.fresh, params=params),
-          optax.chain(start.optimizer, transforms.apply_masks(masks)))
+  return dict(start.fresh, params=params), _masked_chain(start, masks)
 
 
 # In run order; append new stages (the position seeds the stage's data order).
