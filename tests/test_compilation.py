@@ -60,6 +60,7 @@ def _small_config(**fields):
       "eval_batch_size": 64, **fields})
 
 
+@pytest.mark.slow   # two pretrain runs in process (~23 s on 2 loaded cores)
 @needs_fmnist
 def test_second_identical_run_compiles_nothing(private_cache, tmp_path):
   first = trainer.train_and_evaluate(_small_config(), str(tmp_path / "a"))["compilation"]
