@@ -51,7 +51,7 @@ import opprofile  # noqa: E402  (benchmarks/opprofile.py)
 EPS, STEP_SIZE = 0.3, 0.01        # MNIST-style Linf attack, as in the issue
 LR, MOMENTUM, RHO, PRUNE = 0.01, 0.9, 1e-3, 0.8
 SPEC = {".*kernel": ("irregular", PRUNE)}   # every conv/dense kernel, as the torch side does
-INPUT_SHAPES = {"lenet": (28, 28, 1), "vgg16": (32, 32, 3), "resnet18": (32, 32, 3)}
+INPUT_SHAPES = {name: e.input_shape for name, e in models.REGISTRY.items()}   # the registry's
 
 DEFAULT_CASES = ("lenet:1:10:64", "lenet:1:40:64", "lenet:4:10:64", "lenet:4:40:64",
                  "lenet:16:10:64", "lenet:16:40:64", "vgg16:4:10:128", "resnet18:4:10:128")
