@@ -12,13 +12,10 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from admm_jax import models
 from admm_jax.app import compilation, configlib, study, train, trainer
+from fmnist import needs_fmnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_lenet.py")
-FMNIST = "/usr/share/datasets/fashion-mnist"
-needs_fmnist = pytest.mark.skipif(
-    not os.path.isdir(FMNIST) and os.environ.get("CI") != "true",
-    reason="Debian's dataset-fashion-mnist is not installed")
 
 
 def test_cache_folder_default_override_and_off():

@@ -15,14 +15,10 @@ import pytest
 from admm_jax import models, projections, sparsity
 from admm_jax.app import configlib, study, train, trainer
 from admm_jax.kernels import cpu_conv
+from fmnist import needs_fmnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_lenet.py")
-FMNIST = "/usr/share/datasets/fashion-mnist"
-SHAPES = {"lenet": (28, 28, 1), "vgg16": (32, 32, 3), "resnet18": (32, 32, 3)}
-needs_fmnist = pytest.mark.skipif(
-    not os.path.isdir(FMNIST) and os.environ.get("CI") != "true",
-    reason="Debian's dataset-fashion-mnist is not installed")
 
 
 def _jit(fn):
@@ -30,13 +26,13 @@ def _jit(fn):
   return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
 
 
-@pytest.mark.parametrize("name", sorted(SHAPES))
+@pytest.mark.parametrize("name", sorted(models.REGISTRY))
 def test_bfloat16_model_computes_in_bfloat16_with_float32_params_and_logits(name):
   m16 = models.get_model(name, 1, conv_impl="auto", dtype="bfloat16")
   m32 = models.get_model(name, 1, conv_impl="auto")
-  v = train.init_variables(m16, jax.random.key(0), SHAPES[name])
+  v = train.init_variables(m16, jax.random.key(0), models.REGISTRY[name].input_shape)
   assert {leaf.dtype for leaf in jax.tree.leaves(v)} == {jnp.dtype(jnp.float32)}
-  x = jax.random.uniform(jax.random.key(1), (4,) + SHAPES[name])
+  x = jax.random.uniform(jax.random.key(1), (4,) + models.REGISTRY[name].input_shape)
   f16 = train.logits_fn(m16, v["batch_stats"], train=False)
   jaxpr = str(jax.make_jaxpr(f16)(v["params"], x))
   assert "dot_general" in jaxpr and "bf16[" in jaxpr  # the matmuls run in bfloat16
@@ -70,7 +66,7 @@ def test_bfloat16_step_feeds_float32_to_projections_losses_and_attack(monkeypatc
   monkeypatch.setattr(projections, "project",
                       lambda w, *a, **k: seen.append(jnp.result_type(w)) or project(w, *a, **k))
   model = models.get_model("lenet", 1, conv_impl="auto", dtype="bfloat16")
-  v = train.init_variables(model, jax.random.key(0), SHAPES["lenet"])
+  v = train.init_variables(model, jax.random.key(0), models.REGISTRY["lenet"].input_shape)
   spec = {"conv2/kernel": ("filter", 0.5), "fc1/kernel": ("irregular", 0.9)}
   tx = optax.chain(transforms.admm(spec, rho=1e-3, update_every=2), optax.sgd(0.01))
   state = train.create_train_state(v["params"], v["batch_stats"], tx)

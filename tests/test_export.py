@@ -13,9 +13,9 @@ import pytest
 from admm_jax import compaction, graph, models, sparsity
 from admm_jax.app import checkpoint, configlib, data, export
 from model_variables import abstract_variables
+import fmnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FMNIST = "/usr/share/datasets/fashion-mnist"
 TOL = 1e-5
 
 
@@ -86,11 +86,7 @@ def _max_diff(model, variables, g, params, x):
 
 
 def _fashion_mnist(n):
-  if not os.path.isdir(FMNIST):
-    if os.environ.get("CI") == "true":
-      pytest.fail(f"CI=true but {FMNIST} is missing: .ci/run installs dataset-fashion-mnist.")
-    pytest.skip(f"Debian's dataset-fashion-mnist is not installed at {FMNIST}")
-  images = data.load_local("fashion_mnist", FMNIST)["test"][0][:n]
+  images = data.load_local("fashion_mnist", fmnist.require())["test"][0][:n]
   return images.astype(np.float32) / np.float32(255)
 
 

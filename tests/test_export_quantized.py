@@ -11,12 +11,12 @@ import pytest
 from admm_jax import compaction, deploy, models, sparsity
 from admm_jax.app import checkpoint, configlib, export
 from model_variables import random_variables
+import fmnist
 
 if os.environ.get("CI") == "true":   # .ci/run installs the onnx extra: missing is a failure
   import onnxruntime as ort
 else:
   ort = pytest.importorskip("onnxruntime", reason="needs the onnx extra (pip install .[onnx])")
-FMNIST = "/usr/share/datasets/fashion-mnist"
 SPARSITY = ("conv1/kernel=filter:0.5:4b,conv2/kernel=irregular:0.8:8b-layer,"
             "fc1/kernel=irregular:0.95:4b")
 
@@ -33,10 +33,7 @@ def _write_stage(root, stage, params, the_spec):
 def workdir(tmp_path_factory):
   """A synthetic finished run: LeNet(1) on its sparse k-bit grids (retrain), and the same
   weights off the grid as the admm stage."""
-  if not os.path.isdir(FMNIST):
-    if os.environ.get("CI") == "true":
-      pytest.fail(f"CI=true but {FMNIST} is missing: .ci/run installs dataset-fashion-mnist.")
-    pytest.skip(f"Debian's dataset-fashion-mnist is not installed at {FMNIST}")
+  fmnist.require()
   root = tmp_path_factory.mktemp("qrun")
   config = configlib.base_config()
   config.model.width = 1
