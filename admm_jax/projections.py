@@ -19,6 +19,17 @@ the nearest integer, halves rounded up, and at least one group always survives.
 
 Ties: among groups of equal norm, the one with the lower (row-major) index is kept.
 
+A budget shared by several layers (`shared_keep`, a spec entry marked ``"global"`` in
+`admm_jax.sparsity`) counts groups: with layers of n_1, ..., n_L groups (all of one kind),
+``k = n - num_removed(n, ratio)`` of the n = sum n_i groups are kept, the same rounding, and at
+least one group of every layer (a ratio that keeps fewer than L groups is an error). The exact
+projection onto "at most k groups nonzero in total, at least one in each layer" keeps every
+layer's largest group, then the k - L largest of the remaining groups of all layers: exact
+whatever the group sizes, because the set counts groups, not weights. (Counting weights
+when groups differ in size, e.g. filters of a 5x5x1 and a 5x5x20 kernel, would make the
+projection a knapsack problem; we do not do that.) Ties: the lower index in the layers'
+order, then row-major, wins.
+
 Norms are computed in float32 whatever the weight dtype (bfloat16 weights are projected by
 the same choice as their float32 values); the result keeps the input dtype. ``kind`` and
 ``ratio`` are Python values: static under ``jax.jit``.
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -233,3 +245,63 @@ def mask_from_scores(scores: jax.Array, kind: str, ratio: float | None) -> jax.A
     return keep.reshape(x.shape)
   rows = keep[None, :] if kind == "filter" else keep[:, None]
   return jnp.broadcast_to(rows, (num_groups(x.shape, "column"), x.shape[-1])).reshape(x.shape)
+
+
+def groups_to_mask(keep: jax.Array, shape: tuple[int, ...], kind: str) -> jax.Array:
+  """The weight-shaped keep-mask of a keep-vector over the groups of `kind` (not N:M).
+
+  Args:
+    keep: (num_groups(shape, kind),) values, one per group (bool, or a score to broadcast).
+    shape: the weight's shape.
+    kind: "irregular", "filter" or "column".
+
+  Returns:
+    An array of `shape`: every weight gets its group's value.
+  """
+  if kind == "irregular":
+    return keep.reshape(shape)
+  rows = keep[None, :] if kind == "filter" else keep[:, None]
+  return jnp.broadcast_to(rows, (num_groups(shape, "column"), shape[-1])).reshape(shape)
+
+
+def num_kept_shared(sizes: Sequence[int], ratio: float, where: str = "") -> int:
+  """Groups kept by one budget shared by layers of `sizes` groups (module docstring).
+
+  Raises:
+    ValueError: the ratio keeps fewer groups than there are layers (a layer would be empty).
+  """
+  n = int(sum(sizes))
+  kept = n - num_removed(n, ratio)
+  if kept < len(sizes):
+    at = f" for {where}" if where else ""
+    most = (n - len(sizes)) / n
+    raise ValueError(f"global ratio {ratio!r}{at} keeps {kept} of {n} groups, fewer than its "
+                     f"{len(sizes)} layers, and every layer keeps at least one group: use a "
+                     f"ratio of at most {most:.6f}.")
+  return kept
+
+
+def shared_keep(scores: Sequence[jax.Array], ratio: float) -> list[jax.Array]:
+  """Keep-vectors of one budget shared by several layers: the exact top-k over all of them.
+
+  Args:
+    scores: one non-negative float vector per layer, a score per group (e.g.
+      `group_sq_norms(w, kind)`: then this is the Euclidean projection onto the shared set).
+    ratio: fraction of all their groups removed, in [0, 1).
+
+  Returns:
+    One bool vector per layer: every layer's best group (lowest index among equals), then the
+    largest of the rest across all layers, `num_kept_shared` in total; ties keep the lower
+    index in the concatenation of the layers.
+  """
+  sizes = [int(s.shape[0]) for s in scores]
+  kept = num_kept_shared(sizes, ratio)
+  flat = jnp.concatenate([jnp.maximum(jnp.asarray(s, jnp.float32), 0.0) for s in scores])
+  offsets = [0]
+  for size in sizes:
+    offsets.append(offsets[-1] + size)
+  # Each layer's best group is kept whatever the others hold: +inf outranks every score.
+  best = jnp.stack([off + jnp.argmax(flat[off:off + size])
+                    for off, size in zip(offsets, sizes)])
+  keep = top_k_mask(flat.at[best].set(jnp.inf), kept)
+  return [keep[a:b] for a, b in zip(offsets[:-1], offsets[1:])]

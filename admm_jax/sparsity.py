@@ -12,6 +12,14 @@ may be matched by two patterns: both mistakes are errors, not silent no-ops.
     spec = sparsity.spec({"conv1/kernel": ("filter", 0.8), "fc.*/kernel": ("irregular", 0.99, 4)})
     params, masks = sparsity.hard_prune(params, spec)
     print(sparsity.format_report(sparsity.report(params, spec)))
+
+A trailing ``"global"`` shares ONE budget over every leaf the pattern matches:
+``{"(conv.*|fc.*)/kernel": ("irregular", 0.99, "global")}`` removes 99 % of all their weights
+together, keeping the largest across the layers (at least one group in each), and the report
+shows the per-layer ratios it found (`projections.shared_keep` says what "exact" means).
+Global entries are float: no bits, no N:M kind. Everything that projects (`hard_prune`,
+`masks`, `distance_to_set`, `project_tree`, `transforms.admm`, `admm_jax.scores`) projects a
+global entry's leaves jointly; the per-leaf `project` / `project_and_mask` refuse them.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ class Rule(NamedTuple):
   ratio: float | None    # fraction of groups removed (None for n:m)
   bits: int | None = None     # the weights also lie on this k-bit grid (None: float)
   scale_mode: str = "channel"  # the grid's scale: one per output channel, or per "layer"
+  shared: str | None = None   # the pattern of a global budget this leaf shares; None: its own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +52,25 @@ class SparsitySpec:
   rules: tuple[tuple[str, Rule], ...]
 
   def __repr__(self) -> str:
-    inner = ", ".join(f"{p!r}: {tuple(r) if r.bits is not None else tuple(r)[:2]!r}"
-                      for p, r in self.rules)
+    inner = ", ".join(f"{p!r}: {_rule_tuple(r)!r}" for p, r in self.rules)
     return f"spec({{{inner}}})"
+
+
+def _rule_tuple(r: Rule) -> tuple:
+  """The mapping value that `spec` turns into `r`."""
+  head = tuple(r)[:4] if r.bits is not None else tuple(r)[:2]
+  return head + ("global",) if r.shared is not None else head
 
 
 def spec(mapping: Mapping[str, tuple] | SparsitySpec) -> SparsitySpec:
   """Validates and freezes a {pattern: (kind, ratio[, bits[, scale_mode]])} mapping.
 
+  A value ``(kind, ratio, "global")`` shares one budget over all the leaves the pattern
+  matches (module docstring); kind is then irregular, filter or column, without bits.
+
   Raises:
     ValueError: naming the pattern, for a bad regex, an unknown kind, a ratio outside [0, 1),
-      bits outside 2..8 or an unknown scale mode.
+      bits outside 2..8, an unknown scale mode, or a global entry with bits or an N:M kind.
   """
   if isinstance(mapping, SparsitySpec):
     return mapping
@@ -67,6 +84,15 @@ def spec(mapping: Mapping[str, tuple] | SparsitySpec) -> SparsitySpec:
       re.compile(pattern)
     except re.error as e:
       raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {e}.") from None
+    shared = None
+    if isinstance(value, (tuple, list)) and len(value) > 2 and value[-1] == "global":
+      if len(value) != 3:
+        raise ValueError(f"pattern {pattern!r}: a global budget shares a ratio of float weights, "
+                         f"got {value!r}: write (kind, ratio, 'global') without bits.")
+      shared, value = pattern, tuple(value[:2])
+      if isinstance(value[0], str) and projections.parse_n_m(value[0]) is not None:
+        raise ValueError(f"pattern {pattern!r}: a global budget needs a ratio to share, not the "
+                         f"N:M kind {value[0]!r}: use irregular, filter or column.")
     if isinstance(value, str) or not isinstance(value, (tuple, list)) or not 2 <= len(value) <= 4:
       raise ValueError(f"pattern {pattern!r} needs a (kind, ratio) pair or a (kind, ratio, bits"
                        f"[, scale_mode]) tuple, got {value!r}, e.g. ('filter', 0.8), "
@@ -75,7 +101,8 @@ def spec(mapping: Mapping[str, tuple] | SparsitySpec) -> SparsitySpec:
     projections.validate(kind, ratio, where=f"pattern {pattern!r}")
     if rest and rest[0] is not None:
       quantization.validate(*rest, where=f"pattern {pattern!r}")
-    rules.append((pattern, Rule(kind, None if ratio is None else float(ratio), *rest)))
+    rule = Rule(kind, None if ratio is None else float(ratio), *rest)
+    rules.append((pattern, rule._replace(shared=shared) if shared else rule))
   return SparsitySpec(tuple(rules))
 
 
@@ -133,8 +160,23 @@ def rules_tree(params: Params, the_spec: SparsitySpec) -> Params:
       shown = ", ".join(paths[:20]) + (", ..." if len(paths) > 20 else "")
       raise ValueError(f"pattern {pattern!r} matches no parameter; patterns match the whole "
                        f"'/'-joined path, available: {shown}.")
-  return jax.tree_util.tree_map_with_path(
+  tree = jax.tree_util.tree_map_with_path(
       lambda p, x: _rule_for(path_str(p), tuple(np.shape(x)), the_spec), params)
+  _check_shared(tree, params)
+  return tree
+
+
+def _check_shared(rules: Params, params: Params) -> None:
+  """Every global budget keeps at least one group in each of its layers (else ValueError)."""
+  sizes: dict[str, list[int]] = {}
+  ratios: dict[str, float] = {}
+  treedef = jax.tree.structure(params)
+  for r, w in zip(treedef.flatten_up_to(rules), jax.tree.leaves(params)):
+    if r is not None and r.shared is not None:
+      sizes.setdefault(r.shared, []).append(projections.num_groups(tuple(np.shape(w)), r.kind))
+      ratios[r.shared] = r.ratio
+  for pattern, group_sizes in sizes.items():
+    projections.num_kept_shared(group_sizes, ratios[pattern], where=f"pattern {pattern!r}")
 
 
 def resolve(params: Params, the_spec: SparsitySpec) -> dict[str, Rule]:
@@ -158,9 +200,18 @@ def map_pruned(fn, rules: Params, *trees: Params, default=None) -> Params:
   return jax.tree.map(one, rules, *trees, is_leaf=_is_rule_leaf)
 
 
+def _per_leaf(rule: Rule) -> None:
+  if rule.shared is not None:
+    raise ValueError(f"the rule of pattern {rule.shared!r} is a global budget, shared by all the "
+                     "leaves it matches: project them together with sparsity.project_tree or "
+                     "sparsity.hard_prune.")
+
+
 def project(rule: Rule, w: jax.Array) -> jax.Array:
   """The projection of one leaf onto its rule's set: sparse, or sparse AND on its k-bit grid
-  (`quantization.project`: exact for the scale it settles on, a local optimum in the scale)."""
+  (`quantization.project`: exact for the scale it settles on, a local optimum in the scale).
+  A global rule raises ValueError: its leaves are projected together (`project_tree`)."""
+  _per_leaf(rule)
   if rule.bits is None:
     return projections.project(w, rule.kind, rule.ratio)
   return quantization.project(w, rule.bits, rule.scale_mode, rule.kind, rule.ratio)
@@ -169,6 +220,7 @@ def project(rule: Rule, w: jax.Array) -> jax.Array:
 def project_and_mask(rule: Rule, w: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(`project(rule, w)`, the keep-mask of its groups): for a k-bit rule the groups the
   projection keeps (inside them a weight may still round to 0 and move off 0 later)."""
+  _per_leaf(rule)
   if rule.bits is None:
     m = projections.mask(w, rule.kind, rule.ratio)
     return w * m.astype(w.dtype), m   # as hard pruning always did (bit for bit)
@@ -177,28 +229,109 @@ def project_and_mask(rule: Rule, w: jax.Array) -> tuple[jax.Array, jax.Array]:
   return (c * s).astype(w.dtype), m
 
 
-def masks(params: Params, the_spec: SparsitySpec) -> Params:
-  """Keep-masks of the projection of every pruned leaf; None for the other leaves."""
-  return map_pruned(lambda r, w: project_and_mask(r, w)[1], rules_tree(params, the_spec), params)
+def masks_from_group_scores(rules: Params, params: Params, group_scores: Params) -> Params:
+  """Keep-masks that keep, for every rule, the groups of largest score: per leaf, or across
+  all the leaves of a global rule (`projections.shared_keep`); None for unpruned leaves.
 
-
-def hard_prune(params: Params, the_spec: SparsitySpec) -> tuple[Params, Params]:
-  """Projects every pruned leaf onto its set: W = Proj(W) (sparse, and on its grid if k-bit).
+  Args:
+    rules: `rules_tree(params, spec)`.
+    params: the weights (only their shapes are read).
+    group_scores: like params: for every pruned leaf a non-negative float vector with one
+      score per group (`projections.num_groups`); for an N:M rule, one per weight, any shape.
 
   Returns:
-    (pruned params, masks): masks has the params' structure, a bool array for every pruned
-    leaf and None for the others; pass it to `transforms.apply_masks` for masked retraining.
+    bool masks of the weights' shapes, with each rule's rounding and ties (`projections`).
   """
-  both = map_pruned(project_and_mask, rules_tree(params, the_spec), params)
+  treedef = jax.tree.structure(params)
+  rs, ws = treedef.flatten_up_to(rules), treedef.flatten_up_to(params)
+  ss = treedef.flatten_up_to(group_scores)
+  out: list[Any] = [None] * len(ws)
+  shared: dict[str, list[int]] = {}
+  for i, (r, w, sc) in enumerate(zip(rs, ws, ss)):
+    if r is None:
+      continue
+    shape = tuple(np.shape(w))
+    if r.shared is not None:
+      shared.setdefault(r.shared, []).append(i)
+    elif projections.parse_n_m(r.kind) is not None:
+      out[i] = projections.mask_from_scores(jnp.reshape(sc, shape), r.kind, None)
+    else:
+      n = projections.num_groups(shape, r.kind)
+      keep = projections.top_k_mask(jnp.asarray(sc, jnp.float32).reshape(-1),
+                                    n - projections.num_removed(n, r.ratio))
+      out[i] = projections.groups_to_mask(keep, shape, r.kind)
+  for members in shared.values():
+    keeps = projections.shared_keep([jnp.reshape(ss[i], -1) for i in members], rs[members[0]].ratio)
+    for i, keep in zip(members, keeps):
+      out[i] = projections.groups_to_mask(keep, tuple(np.shape(ws[i])), rs[i].kind)
+  return jax.tree.unflatten(treedef, out)
+
+
+def _joint_masks(rules: Params, params: Params) -> Params:
+  """Keep-masks of the Euclidean projection for the leaves of global rules; None elsewhere."""
+  shared = jax.tree.map(lambda r: r if r is not None and r.shared is not None else None,
+                        rules, is_leaf=_is_rule_leaf)
+  if all(r is None for r in jax.tree.leaves(shared, is_leaf=_is_rule_leaf)):
+    return jax.tree.map(lambda _: None, params)
+  norms = map_pruned(lambda r, w: projections.group_sq_norms(w, r.kind), shared, params)
+  return masks_from_group_scores(shared, params, norms)
+
+
+def project_all(rules: Params, params: Params, default=None) -> Params:
+  """Proj(W) of every pruned leaf: `project` per leaf, a global rule's leaves jointly (their
+  largest groups across all of them); the other leaves become ``default(w)`` (or None).
+
+  Args:
+    rules: `rules_tree(params, spec)`.
+    params: the weights W.
+  """
+  joint = _joint_masks(rules, params)
+
+  def one(rule, w, m):
+    return project(rule, w) if m is None else jnp.where(m, w, jnp.zeros((), w.dtype))
+  return map_pruned(one, rules, params, joint,
+                    default=None if default is None else lambda w, _: default(w))
+
+
+def project_tree(rules: Params, params: Params) -> tuple[Params, Params]:
+  """(Proj(params), keep-masks) as hard pruning does it (`project_and_mask` per leaf, a global
+  rule's leaves jointly); unpruned leaves pass through and have the mask None.
+
+  Args:
+    rules: `rules_tree(params, spec)`.
+    params: the weights.
+  """
+  joint = _joint_masks(rules, params)
+
+  def one(rule, w, m):
+    return project_and_mask(rule, w) if m is None else (w * m.astype(w.dtype), m)
+  both = map_pruned(one, rules, params, joint)
   is_pair = lambda x: x is None or isinstance(x, tuple)
   pruned = jax.tree.map(lambda pm, w: w if pm is None else pm[0], both, params, is_leaf=is_pair)
   the_masks = jax.tree.map(lambda pm: None if pm is None else pm[1], both, is_leaf=is_pair)
   return pruned, the_masks
 
 
+def masks(params: Params, the_spec: SparsitySpec) -> Params:
+  """Keep-masks of the projection of every pruned leaf; None for the other leaves."""
+  return project_tree(rules_tree(params, the_spec), params)[1]
+
+
+def hard_prune(params: Params, the_spec: SparsitySpec) -> tuple[Params, Params]:
+  """Projects every pruned leaf onto its set: W = Proj(W) (sparse, and on its grid if k-bit;
+  the leaves of a global rule jointly).
+
+  Returns:
+    (pruned params, masks): masks has the params' structure, a bool array for every pruned
+    leaf and None for the others; pass it to `transforms.apply_masks` for masked retraining.
+  """
+  return project_tree(rules_tree(params, the_spec), params)
+
+
 def without_bits(the_spec: SparsitySpec) -> SparsitySpec:
   """The same spec with every k-bit grid dropped: the sparsity sets alone."""
-  return SparsitySpec(tuple((p, Rule(r.kind, r.ratio)) for p, r in spec(the_spec).rules))
+  return SparsitySpec(tuple((p, r._replace(bits=None, scale_mode="channel"))
+                            for p, r in spec(the_spec).rules))
 
 
 def frobenius_norm(x: jax.Array) -> jax.Array:
@@ -213,10 +346,13 @@ def distance_to_set(params: Params, the_spec: SparsitySpec, relative: bool = Fal
   With relative=True, divided by ||W||_F (0 when W is already in its sparsity set, near 1
   when the kept groups hold almost nothing).
   """
-  def one(rule, w):
-    d = frobenius_norm(w - project(rule, w))
+  rules = rules_tree(params, the_spec)
+  projected = project_all(rules, params, default=lambda w: w)
+
+  def one(rule, w, p):
+    d = frobenius_norm(w - p)
     return d / frobenius_norm(w) if relative else d
-  tree = map_pruned(one, rules_tree(params, the_spec), params)
+  tree = map_pruned(one, rules, params, projected)
   flat = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None)
   return {path_str(p): d for p, d in flat if d is not None}
 
@@ -232,6 +368,7 @@ class LayerReport:
   nonzero: int
   zero_fraction: float
   bits: int | None = None  # the k-bit grid of the rule (None: float weights)
+  shared: str | None = None  # the global budget's pattern (target is then that budget's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,8 +403,18 @@ def report(params: Params, the_spec: SparsitySpec) -> Report:
       groups, pruned = _group_count_zero(w, rule.kind)
       layers[path_str(path)] = LayerReport(rule.kind, rule.ratio, groups, pruned, pruned / groups,
                                            int(w.size), nonzero, 1.0 - nonzero / max(w.size, 1),
-                                           rule.bits)
+                                           rule.bits, rule.shared)
   return Report(layers, int(total), nonzero_total, total / max(nonzero_total, 1))
+
+
+def shared_budgets(rep: Report) -> list[tuple[str, float, float, int]]:
+  """(pattern, target, achieved, layers) of every global budget: achieved over all its groups."""
+  out = {}
+  for r in rep.layers.values():
+    if r.shared is not None:
+      _, pruned, groups, count = out.get(r.shared, (None, 0, 0, 0))
+      out[r.shared] = (r.target, pruned + r.groups_pruned, groups + r.groups, count + 1)
+  return [(p, t, pruned / groups, count) for p, (t, pruned, groups, count) in out.items()]
 
 
 def format_report(rep: Report) -> str:
@@ -280,6 +427,9 @@ def format_report(rep: Report) -> str:
     lines.append(f"{path:<{width}}  {r.kind:<9} {target:>6} "
                  f"{r.groups_pruned:>6}/{r.groups:<7} {r.achieved:>8.3f} {r.zero_fraction:>7.3f} "
                  f"{r.params:>10}")
+  for pattern, ratio, achieved, count in shared_budgets(rep):
+    lines.append(f"global budget {pattern!r}: target {ratio:.4f} over {count} layers, achieved "
+                 f"{achieved:.4f} (per layer: the rows above)")
   lines.append(f"total {rep.total_params} params, {rep.nonzero_params} nonzero: "
                f"compression {rep.compression:.2f}x")
   return "\n".join(lines)

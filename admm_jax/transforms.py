@@ -60,7 +60,8 @@ def admm(spec: sparsity.SparsitySpec | dict, *, rho: float, update_every: int,
   to the sparsity set of leaf i. This transform adds the penalty's gradient to the incoming
   (loss) gradient and performs the Z- and U-steps itself.
 
-  init(params): Z = Proj(W), U = 0, count = 0.
+  init(params): Z = Proj(W), U = 0, count = 0. A global spec entry's leaves are projected
+  jointly (`sparsity.project_all`): Z holds their largest weights across all of them.
   update(grads, state, params): if the incoming count is a positive multiple of
   `update_every`, first rho *= rho_growth, Z = Proj(W + U), U = U + W - Z with W = params
   (the latest weights); then grads += rho (W - Z + U) on pruned leaves; count += 1.
@@ -87,8 +88,7 @@ def admm(spec: sparsity.SparsitySpec | dict, *, rho: float, update_every: int,
   def init_fn(params):
     _check_params(params, "admm.init")
     rules = sparsity.rules_tree(params, spec)
-    z = sparsity.map_pruned(sparsity.project, rules, params,
-                            default=lambda _: optax.MaskedNode())
+    z = sparsity.project_all(rules, params, default=lambda _: optax.MaskedNode())
     u = sparsity.map_pruned(lambda r, w: jnp.zeros_like(w), rules, params,
                             default=lambda _: optax.MaskedNode())
     return ADMMState(count=jnp.zeros([], jnp.int32), rho=jnp.asarray(rho, jnp.float32), z=z, u=u)
@@ -126,8 +126,9 @@ def zu_update(rules: Params, params: Params, u: Params) -> tuple[Params, Params]
     (Z, U): new pytrees like params, with optax.MaskedNode on the unpruned leaves.
   """
   masked = lambda *_: optax.MaskedNode()
-  z = sparsity.map_pruned(lambda r, w, uu: sparsity.project(r, w + uu),
-                          rules, params, u, default=masked)
+  # W + U on the pruned leaves, W elsewhere: one tree, so that global rules project jointly.
+  wu = sparsity.map_pruned(lambda r, w, uu: w + uu, rules, params, u, default=lambda w, _: w)
+  z = sparsity.project_all(rules, wu, default=masked)
   u = sparsity.map_pruned(lambda r, w, uu, zz: uu + w - zz, rules, params, u, z, default=masked)
   return z, u
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from admm_jax import attacks, losses, models, projections, quantization
+from admm_jax import attacks, losses, models, projections, quantization, sparsity
 from admm_jax.kernels import CONV_IMPLS
 from admm_jax.app.stages import STAGES
 from admm_jax.app.errors import UserError
@@ -166,17 +166,21 @@ def _bits_field(item: str, rule: str) -> tuple[str, tuple]:
 
 
 def parse_sparsity(text: str) -> dict[str, tuple]:
-  """'pattern=kind:ratio[:<k>b[-layer]],...' -> {pattern: (kind, ratio[, bits, scale_mode])};
-  N:M kinds have no ratio ('fc1/kernel=2:4', 'fc1/kernel=2:4:4b'). A trailing ':4b' puts
-  the kept weights on a 4-bit grid with a scale per output channel, ':4b-layer' with one
-  scale for the layer."""
+  """'pattern=kind:ratio[:<k>b[-layer]][:global],...' -> {pattern: (kind, ratio[, bits,
+  scale_mode][, "global"])}; N:M kinds have no ratio ('fc1/kernel=2:4', 'fc1/kernel=2:4:4b').
+  A trailing ':4b' puts the kept weights on a 4-bit grid with a scale per output channel,
+  ':4b-layer' with one scale for the layer; ':global' shares one ratio over every layer the
+  pattern matches ('(conv1|conv2|fc1|fc2)/kernel=irregular:0.9884:global', see
+  admm_jax.sparsity)."""
   out = {}
   for item in filter(None, (s.strip() for s in text.split(","))):
     pattern, sep, rule = item.rpartition("=")
     if not sep or not pattern:
       raise ConfigError(f"sparsity entry {item!r} is not 'pattern=kind:ratio' "
                         "(e.g. 'conv1/kernel=filter:0.8' or 'fc1/kernel=2:4').")
+    rule, shared = (rule[:-len(":global")], ("global",)) if rule.endswith(":global") else (rule, ())
     rule, bits = _bits_field(item, rule)
+    bits = bits + shared
     if re.fullmatch(r"\d+:\d+", rule):
       out[pattern] = (rule, None, *bits)
       continue
@@ -329,6 +333,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"pruning stages ({', '.join(s for s in names if STAGES[s].sparse)})")
     for pattern, (kind, ratio, *bits) in rules.items():
       try:
+        if bits and bits[-1] == "global":  # the library's own checks of a global entry
+          sparsity.spec({pattern: (kind, ratio, *bits)})
+          continue
         re.compile(pattern)
         projections.validate(kind, ratio, where=f"pattern {pattern!r}")
         if bits:
