@@ -278,6 +278,10 @@ def _user_error(config, workdir) -> str:
     ({"data.dir": "/no/such/dir"}, "data.dir '/no/such/dir' does not exist"),
     ({"sparsity": "nothing/kernel=filter:0.5", "stages": "admm,retrain"},
      "pattern 'nothing/kernel' matches no parameter"),
+    ({"sparsity": "nothing.*/kernel=irregular:0.9:global", "stages": "admm,retrain"},
+     "pattern 'nothing.*/kernel' matches no parameter"),
+    ({"sparsity": "(conv1|fc2)/kernel=irregular:0.9999:global", "stages": "admm,retrain"},
+     "fewer than its 2 layers, and every layer keeps at least one group"),
 ])
 def test_bad_input_is_one_sentence_and_loses_nothing(finished_run, fields, expected):
   workdir, _ = finished_run
@@ -356,8 +360,10 @@ def test_every_stage_has_a_config_section_and_starts_after_its_input():
   for name, stage in stages.STAGES.items():
     assert stage.name == name and stage.num_epochs(config) >= 1
     assert {"epochs", "optimizer", "lr", "schedule"} <= set(config[name])
-    if stage.input is not None:
-      assert order.index(stage.input) < order.index(name)
+    for init in configlib.SCORE_INITS:   # the scores stage's input depends on the config
+      config.scores.init = init
+      if stage.input_of(config) is not None:
+        assert order.index(stage.input_of(config)) < order.index(name)
   budget = sum(config[s].epochs for s in ("pretrain", "admm", "retrain"))
   assert stages.STAGES["scratch"].num_epochs(config) == budget
   assert stages.STAGES["inherited"].num_epochs(config) == budget

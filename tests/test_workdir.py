@@ -18,11 +18,13 @@ def _begin(root, stage, finished):
 
 
 @pytest.mark.parametrize("field,stages", [
-    ("seed", ("pretrain", "admm", "retrain", "scratch", "inherited")),
-    ("data.limit_train", ("pretrain", "admm", "retrain", "scratch", "inherited")),
-    ("admm.rho", ("admm", "retrain", "scratch", "inherited")),
-    ("retrain.lr", ("retrain", "scratch", "inherited")),
-    ("sparsity", ("admm", "retrain", "scratch", "inherited")),
+    ("seed", ("pretrain", "admm", "retrain", "scratch", "inherited", "scores", "finetune")),
+    ("data.limit_train", ("pretrain", "admm", "retrain", "scratch", "inherited", "scores",
+                          "finetune")),
+    ("admm.rho", ("admm", "retrain", "scratch", "inherited", "scores", "finetune")),
+    ("retrain.lr", ("retrain", "scratch", "inherited", "scores", "finetune")),
+    ("sparsity", ("admm", "retrain", "scratch", "inherited", "scores", "finetune")),
+    ("scores.init", ("scores", "finetune")),
     ("stages", ()), ("log_every_steps", ()), ("eval.final_attack", ()),
     ("eval.final_limit", ()), ("parallel.data_axis", ()), ("checkpoint_every_steps", ()),
 ])

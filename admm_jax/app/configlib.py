@@ -13,13 +13,14 @@ from typing import Any
 
 import ml_collections
 
-from admm_jax import attacks, losses, models, projections, quantization, sparsity
+from admm_jax import attacks, losses, models, projections, quantization, scores, sparsity
 from admm_jax.kernels import CONV_IMPLS
 from admm_jax.app.stages import STAGES
 from admm_jax.app.errors import UserError
 
-STAGE_ORDER = tuple(STAGES)   # pretrain, admm, retrain, scratch, inherited
+STAGE_ORDER = tuple(STAGES)   # pretrain, admm, retrain, scratch, inherited, scores, finetune
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SCORE_INITS = ("magnitude", "admm")   # scores.init: the weights the learned mask starts from
 SCHEDULES = ("constant", "cosine", "steps", "admm")
 LOCAL_DATASETS = ("mnist", "fashion_mnist")   # IDX files in data.dir; with data.dir='' any TFDS
 _TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[a-z0-9_.]+)?(:[0-9.*]+)?")  # image dataset by name
@@ -56,7 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every recipe (Fashion-MNIST LeNet, offline)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = "pretrain,admm,retrain"   # comma-separated, in this order; also scratch, inherited
+  c.stages = "pretrain,admm,retrain"   # comma-separated, in this order; also scratch, inherited,
+                                        # scores, finetune (learned masks)
   c.init_from = ""                      # another run's workdir: inputs of stages not run here
 
   c.data = ml_collections.ConfigDict(dict(
@@ -102,6 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
   # The lottery-ticket baseline: admm's mask (from init_from) on the initial weights of the
   # pretrain stage (same seed), trained with the mask; epochs 0 as for scratch.
   c.inherited = _stage(0, "adam", 1e-3)
+  # Learned masks (HYDRA): the scores' optimizer, with the weights frozen; init "magnitude"
+  # starts from pretrain's weights (HYDRA), "admm" from admm's output. finetune then trains
+  # the masked weights with retrain's recipe.
+  c.scores = _stage(2, "adam", 0.01, "cosine", init="magnitude")
+  c.finetune = _stage(2, "adam", 0.05, "cosine", warmup_epochs=0.25)
 
   c.eval = ml_collections.ConfigDict(dict(
       final_attack="",         # '' = off; else admm_jax.evaluate's --attack on each finished stage
@@ -316,6 +323,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _number(config, "admm.rho_growth", 0.0, 100.0, lo_open=True)
   _number(config, "admm.update_every_epochs", 0.0, 1e6, lo_open=True)
   _positive_int(config, "scratch.width", most=MAX_WIDTH)
+  if config.scores.init not in SCORE_INITS:
+    _fail("scores.init", config.scores.init, "use 'magnitude' (scores from pretrain's weights) "
+          "or 'admm' (from admm's output)")
   _positive_int(config, "parallel.data_axis", zero_ok=True)
   _positive_int(config, "parallel.num_processes", zero_ok=True)
   p = config.parallel
@@ -342,3 +352,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
           quantization.validate(*bits, where=f"pattern {pattern!r}")
       except (ValueError, re.error) as e:
         raise ConfigError(f"config.sparsity={config.sparsity!r} is invalid: {e}") from None
+    if "scores" in names:
+      try:
+        scores.check([r for _, r in sparsity.spec(rules).rules])
+      except ValueError as e:
+        raise ConfigError(f"config.sparsity={config.sparsity!r} cannot give the scores stage "
+                          f"a mask: {e}") from None

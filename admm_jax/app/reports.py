@@ -72,7 +72,8 @@ def run_report(config, dataset, devices: dict[str, Any], records: dict[str, dict
           "stage": stage, "compression": sp["compression"], "total_params": sp["total_params"],
           "nonzero_params": sp["nonzero_params"],
           "layers": {path: {k: layer[k] for k in ("kind", "target", "achieved", "groups",
-                                                  "groups_pruned", "zero_fraction", "params")}
+                                                  "groups_pruned", "zero_fraction", "params",
+                                                  "shared")}
                      for path, layer in sp["layers"].items()}}
       break
   return report

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from admm_jax import sparsity, transforms
+from admm_jax import scores, sparsity, transforms
+from admm_jax.app.errors import UserError
 
 Variables = dict  # {"params": ..., "batch_stats": ...}
 # The pruned model's training budget: scratch and inherited train as long (epochs 0).
@@ -48,8 +49,8 @@ class Stage:
   Attributes:
     name: also the config section (`config.<name>`) with its optimizer and epochs.
     build: StageStart -> (initial variables, optimizer chain).
-    input: the stage whose output it needs (from this workdir or config.init_from); None
-      starts from a fresh init only.
+    input: the stage whose output it needs (from this workdir or config.init_from), or a
+      function config -> that stage (`input_of`); None starts from a fresh init only.
     input_use: how it uses that output, for the error when the output is missing.
     selects_best: its output is the epoch with the best validation adversarial accuracy;
       otherwise its last iterate.
@@ -64,7 +65,7 @@ class Stage:
   """
   name: str
   build: Build
-  input: str | None = None
+  input: str | Callable[[ml_collections.ConfigDict], str] | None = None
   input_use: str = "starts from"
   selects_best: bool = True
   start_label: str | None = None
@@ -73,6 +74,10 @@ class Stage:
   init: str = "pretrain"
   width: Callable[[ml_collections.ConfigDict], int] = _model_width
   budget_at_zero: bool = False
+
+  def input_of(self, config: ml_collections.ConfigDict) -> str | None:
+    """The stage whose output this one starts from under `config`."""
+    return self.input(config) if callable(self.input) else self.input
 
   def num_epochs(self, config: ml_collections.ConfigDict) -> int:
     """The passes over the training split this stage trains."""
@@ -171,6 +176,30 @@ def inherited(start: StageStart) -> tuple[Variables, optax.GradientTransformatio
   return dict(start.fresh, params=params), _masked_chain(start, masks)
 
 
+class StageInputError(UserError, ValueError):
+  """A stage cannot start from its input (one sentence: what and how to fix it)."""
+
+
+def learned_masks(start: StageStart) -> tuple[Variables, optax.GradientTransformation]:
+  """HYDRA's score phase: a score per weight (per group for filter and column) from the
+  input's magnitudes (`scores.init`), the mask each rule's top-k scores; the weights frozen
+  and the scores trained by the stage's optimizer through the straight-through gradient
+  (`scores.train_scores`). The params are always the hard-masked weights, so the output is
+  the pruned model that finetune trains under its mask.
+  """
+  params = start.variables["params"]
+  try:
+    init = scores.init(params, start.spec)
+  except ValueError as e:
+    raise StageInputError(f"config.sparsity: {e}") from None
+  return (dict(start.variables, params=scores.apply(params, init, start.spec)),
+          scores.train_scores(start.spec, params, init, start.optimizer))
+
+
+def _scores_input(config: ml_collections.ConfigDict) -> str:
+  return "admm" if config.scores.init == "admm" else "pretrain"
+
+
 # In run order; append new stages (the position seeds the stage's data order).
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("pretrain", plain),
@@ -183,6 +212,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           budget_at_zero=True),
     Stage("inherited", inherited, input="admm", input_use="takes its mask from", sparse=True,
           masked=True, budget_at_zero=True),
+    # Learned masks: scores trained with the weights frozen, on pretrain's output (HYDRA's
+    # start, scores.init="magnitude") or admm's (scores.init="admm"); finetune then trains
+    # the masked weights, as retrain does after admm.
+    Stage("scores", learned_masks, input=_scores_input, input_use="learns its mask on",
+          start_label="initial_mask", sparse=True, masked=True),
+    Stage("finetune", hard_prune_then_mask, input="scores", sparse=True, masked=True),
 )}
 
 

@@ -44,13 +44,14 @@ def stage_setup(ctx: Context, stage: stages.Stage
   model = ctx.model(stage.width(ctx.config))
   fresh = ctx.fresh_variables(model, stage.init)
   variables = fresh
-  if stage.input is not None:
-    variables = load_output(ctx, stage.input, fresh)
+  source = stage.input_of(ctx.config)
+  if source is not None:
+    variables = load_output(ctx, source, fresh)
     if variables is None:
       raise WorkdirError(
-          f"stage {stage.name!r} {stage.input_use} the output of {stage.input!r}, which is "
+          f"stage {stage.name!r} {stage.input_use} the output of {source!r}, which is "
           f"neither in {ctx.workdir} nor in config.init_from={ctx.config.init_from!r}: add "
-          f"{stage.input} to config.stages or point config.init_from at a run that finished it.")
+          f"{source} to config.stages or point config.init_from at a run that finished it.")
   update_every = stages.admm_update_every(ctx.config, spe)
   base = stages.optimizer(cfg, stages.lr_schedule(cfg, spe, update_every))
   variables, tx = stage.build(stages.StageStart(ctx.config, ctx.spec, variables, fresh, base,
