@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [("fashion_mnist_lenet", None), ("fashion_mnist_lenet", "tiny"),
          ("mnist_lenet", None), ("mnist_lenet", "filter"), ("mnist_lenet", "column"),
          ("cifar10_vgg16", None), ("cifar10_vgg16", "irregular"), ("cifar10_vgg16", "column"),
-         ("cifar10_resnet18", None), ("cifar10_resnet18", "irregular")]
+         ("cifar10_resnet18", None), ("cifar10_resnet18", "irregular"),
+         ("fashion_mnist_learned_masks", "admm-global")]
 EXPECTED_PRUNED = {"lenet": None, "vgg16": 13, "resnet18": 20}
 
 
@@ -36,6 +37,26 @@ def test_config_validates_and_sparsity_matches_model(name, arg):
   rules = sparsity.resolve(params["params"], the_spec)
   if EXPECTED_PRUNED[config.model.name]:
     assert len(rules) == EXPECTED_PRUNED[config.model.name]
+
+
+def test_learned_masks_config_keeps_the_authors_total_in_its_global_variant():
+  from admm_jax import projections
+  module = _load("fashion_mnist_learned_masks")
+  model = models.get_model("lenet", 4)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 28, 28, 1))))
+  kept = []
+  for arg in ("magnitude", "magnitude-global"):
+    config = module.get_config(arg)
+    assert config.stages == "pretrain,scores,finetune"
+    rules = sparsity.resolve(params["params"],
+                             sparsity.spec(configlib.parse_sparsity(config.sparsity)))
+    sizes = {p: int(np.prod(params["params"][p.split("/")[0]]["kernel"].shape)) for p in rules}
+    if arg.endswith("global"):
+      kept.append(projections.num_kept_shared(list(sizes.values()), rules["fc1/kernel"].ratio))
+    else:
+      kept.append(sum(n - projections.num_removed(n, rules[p].ratio) for p, n in sizes.items()))
+  assert kept == [2396, 2396]
+  assert module.get_config("admm").stages == "pretrain,admm,scores,finetune"
 
 
 def test_unknown_variant_is_an_error():
