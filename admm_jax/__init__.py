@@ -7,6 +7,7 @@ The library, to compose into your own training (each a module of this package):
   quantization  exact projections onto k-bit grids, alone or with a sparsity set
   transforms    the optax transforms: admm (Z/U in the optimizer state), apply_masks,
                 keep_on_grid (straight-through k-bit retraining)
+  scores        learned masks (HYDRA): top-k of trained scores, straight-through gradient
   losses        TRADES / MART training losses
   attacks       PGD, FGSM and AutoAttack (APGD, APGD-T, FAB-T, Square, the cascade)
   models        LeNet, VGG-16, ResNet-18 with a width multiplier, and their registry
@@ -25,7 +26,7 @@ import importlib
 __version__ = "0.1.0"
 
 LIBRARY = ("attacks", "compaction", "deploy", "graph", "kernels", "losses", "models",
-           "projections", "quantization", "sparsity", "transforms")
+           "projections", "quantization", "scores", "sparsity", "transforms")
 # The application's modules, reachable here by their names before they moved to admm_jax.app
 # (`from admm_jax import configlib` in configs written for the earlier layout).
 _APPLICATION = ("checkpoint", "cli", "configlib", "context", "data", "errors", "parallel",
