@@ -40,13 +40,21 @@ def with_bits(scheme_text: str, bits: int | None) -> str:
 
 def _evaluate(cell_dir: str) -> dict:
   """APGD-CE+T on the first 1000 test examples of the retrain output (cached on disk)."""
+  return apgd_ce_t(cell_dir, "retrain")
+
+
+def apgd_ce_t(cell_dir: str, stage: str) -> dict:
+  """APGD-CE+T on the first 1000 test examples of `stage`'s output in `cell_dir`, with the
+  gradient-masking sanity checks: {"robust_accuracy" (a fraction), "examples",
+  "sanity_failed"}; cached on disk beside the cell's runs."""
   # pylint: disable=import-outside-toplevel
   from admm_jax.app import evaluate
-  path = os.path.join(cell_dir, "quantized_bench_eval.json")
+  name = "quantized_bench_eval.json" if stage == "retrain" else f"apgd_ce_t_{stage}.json"
+  path = os.path.join(cell_dir, name)
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  record = evaluate.evaluate_workdir(cell_dir, "retrain", attack=ATTACK, limit=ATTACK_LIMIT)
+  record = evaluate.evaluate_workdir(cell_dir, stage, attack=ATTACK, limit=ATTACK_LIMIT)
   out = {"robust_accuracy": record["robust_accuracy"], "examples": record["examples"],
          "sanity_failed": [k for k, c in record["sanity"].items() if not c["ok"]]}
   with open(path, "w") as f:
