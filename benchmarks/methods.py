@@ -67,11 +67,10 @@ def sparsity_text(ratio: float | str, shared: bool) -> str:
   total = authors_total() if ratio == "authors" else float(ratio)
   if shared:
     return f"({'|'.join(LAYERS)})/kernel=irregular:{total:.6f}:global"
-  if ratio == "authors":
-    ratios = AUTHORS
-  else:
-    scale = (1 - total) / (1 - authors_total())
-    ratios = tuple(1 - (1 - r) * scale for r in AUTHORS)
+  if ratio == "authors":   # reference_budget's text: its cells' configs are these cells'
+    return rb.SCHEMES["irregular"]
+  scale = (1 - total) / (1 - authors_total())
+  ratios = tuple(1 - (1 - r) * scale for r in AUTHORS)
   return ",".join(f"{name}/kernel=irregular:{r:.6f}" for name, r in zip(LAYERS, ratios))
 
 
