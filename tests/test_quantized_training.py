@@ -108,20 +108,47 @@ def test_config_refuses_bad_bits_in_one_sentence(text, match):
   assert "\n" not in str(e.value) and "config.sparsity" in str(e.value)
 
 
-@pytest.mark.parametrize("stage", ["retrain", "inherited"])
-def test_masked_stages_train_k_bit_layers_on_their_grid(stage):
+@pytest.mark.parametrize("grid", ["train", "end"])
+@pytest.mark.parametrize("stage", ["retrain", "inherited", "finetune"])
+def test_masked_stages_hold_k_bit_layers_on_their_grid_throughout_or_at_the_end(stage, grid):
   from admm_jax.app import configlib, stages
   s = sparsity.spec({"fc/kernel": ("irregular", 0.5, 3)})
+  config = configlib.override(configlib.base_config(), {f"{stage}.grid": grid})
   params = _params(2)
-  start = stages.StageStart(config=configlib.base_config(), spec=s,
+  start = stages.StageStart(config=config, spec=s,
                             variables={"params": params, "batch_stats": {}},
                             fresh={"params": _params(3), "batch_stats": {}},
                             optimizer=optax.sgd(0.1), update_every=1)
   variables, tx = stages.STAGES[stage].build(start)
   p = variables["params"]
+  # retrain and finetune start on the sparse k-bit set (the projection); inherited from the
+  # masked init
+  assert _on_grid(p["fc"]["kernel"], 3) == (stage != "inherited")
+  support = np.asarray(p["fc"]["kernel"]) != 0
   state = tx.init(p)
   for _ in range(2):
     updates, state = tx.update(jax.tree.map(jnp.ones_like, p), state, p)
     p = optax.apply_updates(p, updates)
-    assert _on_grid(p["fc"]["kernel"], 3) and np.count_nonzero(p["fc"]["kernel"]) <= 12
+    kernel = np.asarray(p["fc"]["kernel"])
+    assert np.count_nonzero(kernel) <= 12 and not np.any(kernel[~support])
+    assert _on_grid(kernel, 3) == (grid == "train")   # "end": floats under the masks
   assert not _on_grid(p["conv"]["kernel"], 8)   # unpruned leaves train as floats
+  out = stages.STAGES[stage].finish(config, s, p)
+  if grid == "train":
+    assert out is p   # already on the grid: the output is the trained params as they are
+  else:
+    kernel = np.asarray(out["fc"]["kernel"])
+    assert _on_grid(kernel, 3) and not np.any(kernel[~support])
+    np.testing.assert_array_equal(np.asarray(out["fc"]["kernel"]),
+                                  np.asarray(sparsity.hard_prune(p, s)[0]["fc"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(out["conv"]["kernel"]), p["conv"]["kernel"])
+  float_spec = sparsity.spec({"fc/kernel": ("irregular", 0.5)})
+  assert stages.STAGES[stage].finish(config, float_spec, p) is p   # no bits: nothing to do
+
+
+def test_grid_field_is_checked_in_one_sentence():
+  from admm_jax.app import configlib
+  config = configlib.override(configlib.base_config(), {"retrain.grid": "ste"})
+  with pytest.raises(configlib.ConfigError, match="config.retrain.grid='ste' is invalid") as e:
+    configlib.validate(config)
+  assert "\n" not in str(e.value)

@@ -403,3 +403,28 @@ def test_inherited_build_masks_the_fresh_init_with_the_pruned_pattern_and_keeps_
       _start({"params": pruned, "batch_stats": {}}, fresh, spec))
   np.testing.assert_array_equal(retrained["params"]["dense"]["kernel"],
                                 np.where(keep, pruned["dense"]["kernel"], 0.0))
+
+
+def test_k_bit_retrain_ends_on_its_grid_and_reports_the_projected_model(finished_run, tmp_path):
+  """retrain.grid="end": float training under the masks, then the chosen epoch projected onto
+  the sparse k-bit sets; validation, test and the saved output are of the projected model."""
+  from admm_jax import quantization  # pylint: disable=import-outside-toplevel
+  source, _ = finished_run
+  config = tiny_config(stages="retrain", init_from=str(source), sparsity=(
+      "conv1/kernel=irregular:0.8:4b,conv2/kernel=irregular:0.947,"
+      "fc1/kernel=irregular:0.99:3b,fc2/kernel=irregular:0.93"))
+  report = trainer.train_and_evaluate(config, str(tmp_path))
+  rec = report["stages"]["retrain"]
+  assert rec["selected"].endswith("then projected onto its sparse k-bit sets")
+  assert rec["before_grid_val_adversarial_accuracy"] is not None
+  ctx = trainer.make_context(config, str(tmp_path))
+  model = ctx.model(config.model.width)
+  out = trainer.load_output(ctx, "retrain", ctx.fresh_variables(model, "pretrain"))
+  for layer, bits in (("conv1", 4), ("fc1", 3)):
+    assert quantization.recover(np.asarray(out["params"][layer]["kernel"]), bits) is not None
+  assert quantization.recover(np.asarray(out["params"]["fc2"]["kernel"]), 8) is None  # float
+  val = ctx.evaluate(model, out["params"], out["batch_stats"], "validation",
+                     ctx.key("validation", "retrain", "finish"))
+  assert rec["val_adversarial_accuracy"] == pytest.approx(val["adversarial_accuracy"], abs=1e-6)
+  test = ctx.evaluate(model, out["params"], out["batch_stats"], "test", ctx.key("test", "retrain"))
+  assert rec["adversarial_accuracy"] == pytest.approx(test["adversarial_accuracy"], abs=1e-6)

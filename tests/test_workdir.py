@@ -96,3 +96,25 @@ def test_damaged_config_json_is_one_sentence(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(workdir.WorkdirError, match="config.json .* is damaged"):
     workdir.check_config(str(tmp_path), configlib.base_config())
+
+
+@pytest.mark.parametrize("sparsity,blocks", [("fc1/kernel=irregular:0.9:4b", True),
+                                             ("fc1/kernel=irregular:0.9", False)])
+def test_a_field_added_since_means_what_its_absence_did(tmp_path, sparsity, blocks):
+  # Before retrain.grid existed, k-bit layers retrained on their grid ("train"): today's
+  # default "end" would give other numbers, so a finished k-bit retrain is not reused.
+  config = configlib.override(configlib.base_config(), {"sparsity": sparsity})
+  stored = json.loads(config.to_json_best_effort())
+  del stored["retrain"]["grid"], stored["inherited"]["grid"]
+  (tmp_path / "config.json").write_text(json.dumps({"config": stored, "history": []}))
+  for stage in ("pretrain", "admm", "retrain"):
+    _begin(tmp_path, stage, finished=True)
+  if blocks:
+    with pytest.raises(workdir.ConfigMismatch, match="retrain.grid 'train' -> 'end'"):
+      workdir.check_config(str(tmp_path), config)
+  else:   # float layers: the field changes nothing, the old results stand
+    assert workdir.check_config(str(tmp_path), config) == {}
+  # Saying what the finished retrain did passes (inherited has not begun: its field is free).
+  changes = workdir.check_config(str(tmp_path), configlib.override(
+      configlib.base_config(), {"sparsity": sparsity, "retrain.grid": "train"}))
+  assert "retrain.grid" not in changes

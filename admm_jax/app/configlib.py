@@ -15,10 +15,11 @@ import ml_collections
 
 from admm_jax import attacks, losses, models, projections, quantization, scores, sparsity
 from admm_jax.kernels import CONV_IMPLS
-from admm_jax.app.stages import STAGES
+from admm_jax.app.stages import GRIDS, STAGES
 from admm_jax.app.errors import UserError
 
 STAGE_ORDER = tuple(STAGES)   # pretrain, admm, retrain, scratch, inherited, scores, finetune
+GRID_STAGES = tuple(s for s in STAGES if STAGES[s].finish is not None)  # have a `grid` field
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCORE_INITS = ("magnitude", "admm")   # scores.init: the weights the learned mask starts from
 SCHEDULES = ("constant", "cosine", "steps", "admm")
@@ -99,16 +100,19 @@ def base_config() -> ml_collections.ConfigDict:
   # filter-pruned net can die at this lr).
   c.pretrain = _stage(3, "adam", 1e-3)
   c.admm = _stage(2, "sgd", 0.01, "constant", rho=0.03, rho_growth=1.4, update_every_epochs=0.25)
-  c.retrain = _stage(2, "adam", 0.05, "cosine", warmup_epochs=0.25)
+  # Layers with bits: train float under the masks, then project the chosen epoch onto the
+  # sparse k-bit set ("end"); "train" keeps them on the grid throughout (straight-through).
+  # "end" won on validation at the authors' budget (docs/quantization.md).
+  c.retrain = _stage(2, "adam", 0.05, "cosine", warmup_epochs=0.25, grid="end")
   c.scratch = _stage(0, "adam", 1e-3, width=1)   # epochs 0: pretrain+admm+retrain epochs
   # The lottery-ticket baseline: admm's mask (from init_from) on the initial weights of the
   # pretrain stage (same seed), trained with the mask; epochs 0 as for scratch.
-  c.inherited = _stage(0, "adam", 1e-3)
+  c.inherited = _stage(0, "adam", 1e-3, grid="end")
   # Learned masks (HYDRA): the scores' optimizer, with the weights frozen; init "magnitude"
   # starts from pretrain's weights (HYDRA), "admm" from admm's output. finetune then trains
   # the masked weights with retrain's recipe.
   c.scores = _stage(2, "adam", 0.01, "cosine", init="magnitude")
-  c.finetune = _stage(2, "adam", 0.05, "cosine", warmup_epochs=0.25)
+  c.finetune = _stage(2, "adam", 0.05, "cosine", warmup_epochs=0.25, grid="end")
 
   c.eval = ml_collections.ConfigDict(dict(
       final_attack="",         # '' = off; else admm_jax.evaluate's --attack on each finished stage
@@ -319,6 +323,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            for e in stage.lr_drop_epochs):
       _fail(f"{s}.lr_drop_epochs", stage.lr_drop_epochs,
             f"use a tuple of epochs in [1, {s}.epochs={stage.epochs}]")
+  for s in GRID_STAGES:
+    if config[s].grid not in GRIDS:
+      _fail(f"{s}.grid", config[s].grid, "use 'end' (train float, project onto the k-bit grid "
+            "at the end) or 'train' (straight-through on the grid throughout)")
   _number(config, "admm.rho", 0.0, 1e6, lo_open=True)
   _number(config, "admm.rho_growth", 0.0, 100.0, lo_open=True)
   _number(config, "admm.update_every_epochs", 0.0, 1e6, lo_open=True)

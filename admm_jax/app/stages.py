@@ -10,7 +10,8 @@ here plus its build function, and its `config.<name>` section (optimizer, lr, ep
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,9 @@ class StageStart(NamedTuple):
 
 
 Build = Callable[[StageStart], tuple[Variables, optax.GradientTransformation]]
+# (config, spec, chosen params) -> the stage's output params (a last step after training).
+Finish = Callable[[ml_collections.ConfigDict, sparsity.SparsitySpec | None, Any], Any]
+GRIDS = ("end", "train")   # `<masked stage>.grid`: where layers with bits hold their grid
 
 
 def _model_width(config: ml_collections.ConfigDict) -> int:
@@ -62,6 +66,8 @@ class Stage:
     init: the key of its fresh init: stages with the same init start from the same weights.
     width: config -> the model's width.
     budget_at_zero: `config.<name>.epochs` = 0 trains as many epochs as BUDGET_STAGES.
+    finish: applied to the chosen output before it is tested and saved (None: nothing); when
+      it changes the params, the output's validation accuracies are measured again.
   """
   name: str
   build: Build
@@ -74,6 +80,7 @@ class Stage:
   init: str = "pretrain"
   width: Callable[[ml_collections.ConfigDict], int] = _model_width
   budget_at_zero: bool = False
+  finish: Finish | None = None
 
   def input_of(self, config: ml_collections.ConfigDict) -> str | None:
     """The stage whose output this one starts from under `config`."""
@@ -145,22 +152,42 @@ def admm(start: StageStart) -> tuple[Variables, optax.GradientTransformation]:
   return start.variables, optax.chain(penalty, start.optimizer)
 
 
-def hard_prune_then_mask(start: StageStart) -> tuple[Variables, optax.GradientTransformation]:
+def hard_prune_then_mask(start: StageStart, name: str = "retrain"
+                         ) -> tuple[Variables, optax.GradientTransformation]:
   """Hard prune the projection of W (not Z), then keep the zero pattern through training.
 
-  Layers with bits in the spec are projected onto their sparse k-bit grid and retrained on it
-  (`transforms.keep_on_grid`, straight-through), inside the stage's own epochs.
+  Layers with bits in the spec start projected onto their sparse k-bit set; `<name>.grid`
+  says where the grid holds after that (see `_masked_chain` and `onto_grid_at_end`).
   """
   params, masks = sparsity.hard_prune(start.variables["params"], start.spec)
-  return dict(start.variables, params=params), _masked_chain(start, masks)
+  return dict(start.variables, params=params), _masked_chain(start, masks, name)
 
 
-def _masked_chain(start: StageStart, masks) -> optax.GradientTransformation:
-  """The stage's optimizer, then the masks, then (for layers with bits) their k-bit grids."""
+def _has_bits(spec: sparsity.SparsitySpec | None) -> bool:
+  return spec is not None and any(r.bits is not None for _, r in spec.rules)
+
+
+def _masked_chain(start: StageStart, masks, name: str) -> optax.GradientTransformation:
+  """The stage's optimizer, then the masks; with `<name>.grid` = "train" the layers with bits
+  then stay on their k-bit grids at every step (`transforms.keep_on_grid`, straight-through).
+  With "end" they train as floats under the masks and `onto_grid_at_end` projects the output."""
   chain = [start.optimizer, transforms.apply_masks(masks)]
-  if any(r.bits is not None for _, r in start.spec.rules):
+  if _has_bits(start.spec) and start.config[name].grid == "train":
     chain.append(transforms.keep_on_grid(start.spec, masks))
   return optax.chain(*chain)
+
+
+def onto_grid_at_end(name: str) -> Finish:
+  """The finish of masked stage `name`: with `<name>.grid` = "end", its chosen output projected
+  onto the spec's sets (`sparsity.hard_prune`: the exact sparse k-bit projection for layers
+  with bits; masked float layers are already in their sets and stay as they are). The support
+  can only shrink (a kept weight nearer 0 than to any level goes to 0), never move."""
+  def finish(config: ml_collections.ConfigDict, spec: sparsity.SparsitySpec | None,
+             params: Any) -> Any:
+    if not _has_bits(spec) or config[name].grid != "end":
+      return params
+    return sparsity.hard_prune(params, spec)[0]
+  return finish
 
 
 def inherited(start: StageStart) -> tuple[Variables, optax.GradientTransformation]:
@@ -173,7 +200,7 @@ def inherited(start: StageStart) -> tuple[Variables, optax.GradientTransformatio
   masks = sparsity.masks(start.variables["params"], start.spec)
   params = jax.tree.map(lambda m, w: w if m is None else w * m.astype(w.dtype),
                         masks, start.fresh["params"], is_leaf=lambda x: x is None)
-  return dict(start.fresh, params=params), _masked_chain(start, masks)
+  return dict(start.fresh, params=params), _masked_chain(start, masks, "inherited")
 
 
 class StageInputError(UserError, ValueError):
@@ -207,17 +234,18 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("admm", admm, input="pretrain", selects_best=False, sparse=True),
     # Its start is measured: what hard pruning cost before any retraining.
     Stage("retrain", hard_prune_then_mask, input="admm", start_label="after_hard_prune",
-          sparse=True, masked=True),
+          sparse=True, masked=True, finish=onto_grid_at_end("retrain")),
     Stage("scratch", plain, init="scratch", width=lambda config: config.scratch.width,
           budget_at_zero=True),
     Stage("inherited", inherited, input="admm", input_use="takes its mask from", sparse=True,
-          masked=True, budget_at_zero=True),
+          masked=True, budget_at_zero=True, finish=onto_grid_at_end("inherited")),
     # Learned masks: scores trained with the weights frozen, on pretrain's output (HYDRA's
     # start, scores.init="magnitude") or admm's (scores.init="admm"); finetune then trains
     # the masked weights, as retrain does after admm.
     Stage("scores", learned_masks, input=_scores_input, input_use="learns its mask on",
           start_label="initial_mask", sparse=True, masked=True),
-    Stage("finetune", hard_prune_then_mask, input="scores", sparse=True, masked=True),
+    Stage("finetune", functools.partial(hard_prune_then_mask, name="finetune"), input="scores",
+          sparse=True, masked=True, finish=onto_grid_at_end("finetune")),
 )}
 
 

@@ -290,6 +290,14 @@ def _finish_stage(ctx: Context, stage: stages.Stage, model, loop: LoopState,
   """Tests and saves the stage's output, then writes its record (the stage is finished)."""
   state = loop.train
   params, batch_stats, chosen, val = _output(stage, loop)
+  before_finish = None
+  if stage.finish is not None:
+    finished = stage.finish(ctx.config, ctx.spec, params)
+    if finished is not params:   # e.g. projected onto the k-bit grid: measure what is saved
+      before_finish, params = val, finished
+      val = _accuracy_pair(ctx.evaluate(model, params, batch_stats, "validation",
+                                        ctx.key("validation", stage.name, "finish")))
+      chosen += ", then projected onto its sparse k-bit sets"
   test = ctx.evaluate(model, params, batch_stats, "test", ctx.key("test", stage.name))
   # Reuses or replaces what a run stopped before the marker left behind (crash-consistent).
   checkpoint.save_output(paths.output, {"params": params, "batch_stats": batch_stats})
@@ -300,6 +308,8 @@ def _finish_stage(ctx: Context, stage: stages.Stage, model, loop: LoopState,
             "wall_time_s": round(float(loop.elapsed), 2),
             "total_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
             **reports.accuracy_fields("val", val)}
+  if before_finish is not None:
+    record.update(reports.accuracy_fields("before_grid_val", before_finish))
   if stage.start_label is not None:
     record.update(reports.accuracy_fields(f"{stage.start_label}_val",
                                           jax.device_get(loop.start_val)))

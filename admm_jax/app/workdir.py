@@ -34,6 +34,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -49,6 +50,18 @@ NO_RESULT_FIELDS = ("stages", "log_every_steps", "checkpoint_every_steps", "max_
                     "eval.*", "parallel.*", "data.tfds_dir")
 # Shared fields that shape only the stages from the named one on.
 FIRST_SHAPED = {"sparsity": "admm"}
+
+
+
+def _grid_before_the_field(stored: dict[str, Any]) -> str | None:
+  """Before `<stage>.grid` existed, layers with bits stayed on their grid while retraining."""
+  return "train" if re.search(r":\d+b", str(stored.get("sparsity", ""))) else None
+
+
+# Fields added since workdirs were first made: what a stored config without them meant
+# (None: nothing that the field changes), so that a default that changed behaviour is a change.
+ADDED_FIELDS = {"retrain.grid": _grid_before_the_field,
+                "inherited.grid": _grid_before_the_field}
 
 # A crash or a full disk never leaves half a file; the disk's errors are one sentence.
 write_json_atomic = reliability.write_json_atomic
@@ -246,6 +259,9 @@ def check_config(workdir: str, config: Any, defaults: Any = None) -> dict[str, l
   if stored is None:
     return {}
   old, new = flat_config(stored["config"]), flat_config(config)
+  for field, meaning in ADDED_FIELDS.items():
+    if field not in old and meaning(old) is not None:
+      old[field] = meaning(old)
   changes = {f: [old.get(f), new.get(f)] for f in sorted(set(old) | set(new))
              if f in old and f in new and old[f] != new[f]}
   begun = begun_stages(workdir)
