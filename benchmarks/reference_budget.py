@@ -37,6 +37,11 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]  # admm_jax and the config 
 # Adam 1e-3, the full 10,000-example test split. What the budget does not fix stays at our
 # defaults.
 LABELLED, TEST_EXAMPLES = 20000, 10000
+# The attack the grid and the quantized benchmark measure every model with: APGD-CE then
+# APGD-T (AutoAttack's gradient attacks) on the first 1000 test examples. Their runs turn the
+# config's own evaluation of every stage off (NO_FINAL) and call attack_stage instead.
+ATTACK, ATTACK_LIMIT = "apgd-ce,apgd-t", 1000
+NO_FINAL = {"eval.final_attack": ""}
 BUDGET = {
     "model.width": 4, "data.limit_train": LABELLED, "data.validation_in_limit": True,
     "data.limit_test": 0, "batch_size": 64,
@@ -98,10 +103,10 @@ def make_config(seed: int, overrides: dict[str, object], **fields):
   return config
 
 
-def check_data(config) -> dict[str, int]:
-  """The split sizes the budget promises (20,000 labelled, or 20,000 + validation with
-  data.validation_in_limit=False; 10,000 test), checked before any training; returns
-  {"train", "validation", "test", "labelled_examples"}.
+def check_data(config, labelled: int = LABELLED) -> dict[str, int]:
+  """The split sizes the budget promises (`labelled` examples, 20,000 by default, or
+  `labelled` + validation with data.validation_in_limit=False; 10,000 test), checked before
+  any training; returns {"train", "validation", "test", "labelled_examples"}.
 
   Raises:
     SystemExit: the data (or an override) gives other sizes, in one sentence.
@@ -113,7 +118,7 @@ def check_data(config) -> dict[str, int]:
                          validation_in_limit=d.validation_in_limit)
   sizes = {"train": len(ds.train), "validation": len(ds.validation), "test": len(ds.test),
            "labelled_examples": len(ds.train) + len(ds.validation)}
-  labelled = LABELLED + (0 if d.validation_in_limit else d.validation_size)
+  labelled += 0 if d.validation_in_limit else d.validation_size
   if sizes["test"] != TEST_EXAMPLES or sizes["labelled_examples"] != labelled:
     raise SystemExit(
         f"error: the budget is {labelled} labelled and {TEST_EXAMPLES} test examples, but "
@@ -164,6 +169,32 @@ def run_cell(config, workdir: str) -> tuple[dict, float]:
   wall = spent + time.time() - t0
   write_json_atomic(path, {"wall_time_s": wall, "finished": True})
   return report, wall
+
+
+def attack_stage(workdir: str, stage: str, *, attack: str = ATTACK, limit: int = ATTACK_LIMIT,
+                 sanity: bool = True, cache_name: str = "") -> dict:
+  """APGD-CE+T (`attack`) on the first `limit` test examples of a finished stage of the run in
+  `workdir` (admm_jax.evaluate, with its gradient-masking checks unless `sanity` is False).
+
+  Cached in <workdir>/<cache_name> (default bench_eval_<stage>.json): a rerun with the same
+  attack and limit reads it; other settings attack again and replace it.
+  Returns {"robust_accuracy", "examples", "sanity_failed", "attack", "limit", "wall_time_s"}.
+  """
+  from admm_jax.app import evaluate  # pylint: disable=import-outside-toplevel
+  from admm_jax.app.workdir import write_json_atomic  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, cache_name or f"bench_eval_{stage}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    # Files written before the settings were recorded (quantized_budget's) were this attack.
+    if saved.get("attack", attack) == attack and saved.get("limit", limit) == limit:
+      return saved
+  record = evaluate.evaluate_workdir(workdir, stage, attack=attack, limit=limit, sanity=sanity)
+  out = {"robust_accuracy": record["robust_accuracy"], "examples": record["examples"],
+         "sanity_failed": [k for k, c in record["sanity"].items() if not c["ok"]],
+         "attack": attack, "limit": limit, "wall_time_s": record["wall_time_s"]}
+  write_json_atomic(path, out)
+  return out
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
