@@ -139,9 +139,12 @@ def import_model(ckpt: str, workdir: str, seed: int, examples: int, epochs: int,
   sd = torch.load(ckpt, map_location="cpu")
   width = rb.BUDGET["model.width"]
   params = bench_torch.flax_params_from_torch(sd, width)
+  # The config evaluate rebuilds the model and the test split from; their training split was
+  # their first `examples` (report.json's "imported_from" says whose model it is).
   config = rb.make_config(seed, {**budget_grid.Cell(examples, epochs, scheme).settings(),
-                                 **rb.NO_FINAL}, stages="admm,retrain",
-                          sparsity=rb.SCHEMES[scheme])
+                                 **rb.NO_FINAL, "data.limit_train": 0,
+                                 "data.validation_in_limit": False},
+                          stages="admm,retrain", sparsity=rb.SCHEMES[scheme])
   d = config.data
   test = data.load_dataset(d.name, d.dir, d.validation_size, seed).test
   images, labels = test.arrays()
@@ -159,7 +162,8 @@ def import_model(ckpt: str, workdir: str, seed: int, examples: int, epochs: int,
            "max_logit_diff": float(np.abs(ours - theirs).max())}
   os.makedirs(workdir, exist_ok=True)
   write_json_atomic(os.path.join(workdir, "report.json"),
-                    {"config": config.to_dict(), "imported_from": os.path.abspath(ckpt)})
+                    {"config": config.to_dict(), "imported_from": os.path.abspath(ckpt),
+                     "authors_train_examples": examples})
   paths = stage_paths(workdir, stage)
   checkpoint.save_output(paths.output, {"params": jax.tree.map(np.asarray, params),
                                         "batch_stats": {}})
