@@ -110,3 +110,16 @@ def test_authors_logs_parse():
   assert rg.log_tests(log) == [(0.70, 0.6012), (0.70, 0.6012)]
   assert rg.stage_walls("STAGE_WALL pretrain 101.5s\nSTAGE_WALL admm_filter 99s\n") == {
       "pretrain": 101.5, "admm_filter": 99.0}
+
+
+def test_authors_run_refuses_a_used_folder_a_missing_export_and_a_bad_budget(tmp_path, capsys):
+  (tmp_path / "out").mkdir()
+  argv = ["run", "--budget=20000x5", f"--code={tmp_path}", "--harness", str(tmp_path)]
+  with pytest.raises(SystemExit, match="exists: their code cannot resume"):
+    rg.main([*argv, f"--out={tmp_path / 'out'}"])
+  with pytest.raises(SystemExit, match="holds no ADMM_examples/mnist/adv_main.py"):
+    rg.main([*argv, f"--out={tmp_path / 'new'}"])
+  assert rg.main(["run", "--budget=30000x5", f"--code={tmp_path}",
+                  f"--out={tmp_path / 'new'}"]) == 2
+  assert "'30000x5' is not a budget of the grid" in capsys.readouterr().err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]   # nothing copied or run
