@@ -205,3 +205,21 @@ def load_flax_params(model: nn.Module, params: dict[str, Any], name: str) -> Non
     model.fc1.bias.copy_(t(params["fc1"]["bias"]))
     model.fc2.weight.copy_(t(np.asarray(params["fc2"]["kernel"]).T))
     model.fc2.bias.copy_(t(params["fc2"]["bias"]))
+
+
+def flax_params_from_torch(state_dict: dict[str, Any], width: int) -> dict[str, Any]:
+  """The inverse of `load_flax_params` for LeNet: a PyTorch LeNet_adv(width) state_dict (the
+  authors' or this module's; keys conv1.weight ... fc2.bias, an AttackPGD 'basic_model.' or
+  DataParallel 'module.' prefix stripped) -> flax params of models.LeNet(width).
+  """
+  sd = {}
+  for k, v in state_dict.items():
+    for prefix in ("module.", "basic_model."):
+      k = k[len(prefix):] if k.startswith(prefix) else k
+    sd[k] = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
+  c = 4 * width
+  k1 = sd["fc1.weight"].T.reshape(c, 7, 7, -1).transpose(1, 2, 0, 3).reshape(7 * 7 * c, -1)
+  return {"conv1": {"kernel": sd["conv1.weight"].transpose(2, 3, 1, 0), "bias": sd["conv1.bias"]},
+          "conv2": {"kernel": sd["conv2.weight"].transpose(2, 3, 1, 0), "bias": sd["conv2.bias"]},
+          "fc1": {"kernel": k1, "bias": sd["fc1.bias"]},
+          "fc2": {"kernel": sd["fc2.weight"].T, "bias": sd["fc2.bias"]}}

@@ -24,11 +24,8 @@ import sys
 
 import reference_budget as rb   # benchmarks/ is on sys.path when this file runs
 
-ATTACK = "apgd-ce,apgd-t"
-ATTACK_LIMIT = 1000
-# The runs skip the config's AutoAttack-grade evaluation of every stage; `_evaluate` attacks
-# the retrain output alone.
-NO_FINAL = {"eval.final_attack": ""}
+ATTACK, ATTACK_LIMIT, NO_FINAL = rb.ATTACK, rb.ATTACK_LIMIT, rb.NO_FINAL  # NO_FINAL: `_evaluate`
+# attacks the retrain output alone.
 
 
 def with_bits(scheme_text: str, bits: int | None) -> str:
@@ -46,20 +43,9 @@ def _evaluate(cell_dir: str) -> dict:
 def apgd_ce_t(cell_dir: str, stage: str) -> dict:
   """APGD-CE+T on the first 1000 test examples of `stage`'s output in `cell_dir`, with the
   gradient-masking sanity checks: {"robust_accuracy" (a fraction), "examples",
-  "sanity_failed"}; cached on disk beside the cell's runs."""
-  # pylint: disable=import-outside-toplevel
-  from admm_jax.app import evaluate
+  "sanity_failed", ...}; cached on disk beside the cell's runs (`reference_budget.attack_stage`)."""
   name = "quantized_bench_eval.json" if stage == "retrain" else f"apgd_ce_t_{stage}.json"
-  path = os.path.join(cell_dir, name)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  record = evaluate.evaluate_workdir(cell_dir, stage, attack=ATTACK, limit=ATTACK_LIMIT)
-  out = {"robust_accuracy": record["robust_accuracy"], "examples": record["examples"],
-         "sanity_failed": [k for k, c in record["sanity"].items() if not c["ok"]]}
-  with open(path, "w") as f:
-    json.dump(out, f)
-  return out
+  return rb.attack_stage(cell_dir, stage, cache_name=name)
 
 
 def _export(cell_dir: str) -> dict:

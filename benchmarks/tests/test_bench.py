@@ -178,3 +178,17 @@ def test_gpu_script_writes_rows_resumes_and_prints_the_table(tmp_path):
                          timeout=120, check=False)
   assert again.returncode == 0 and "done earlier" in again.stderr
   assert again.stdout == first.stdout
+
+
+def test_torch_state_dict_converts_back_to_the_same_flax_params():
+  # reference_grid.py attacks the authors' saved models with admm_jax.evaluate through this
+  # conversion; their AttackPGD wrapper saves the keys under 'basic_model.'.
+  _torch()
+  import bench_torch
+  params = train.init_variables(models.get_model("lenet", 2), jax.random.key(4),
+                                (28, 28, 1))["params"]
+  tmodel = bench_torch.build_model("lenet", 2, 1)
+  bench_torch.load_flax_params(tmodel, jax.device_get(params), "lenet")
+  sd = {f"basic_model.{k}": v for k, v in tmodel.state_dict().items()}
+  back = bench_torch.flax_params_from_torch(sd, 2)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, back)

@@ -87,3 +87,28 @@ def test_collect_takes_mean_and_spread_over_seeds_and_the_table_shows_the_refere
   assert "20,000 labelled examples per run (18,000 train + 2,000 validation), 10,000 test" in text
   assert "68.67 +- 0.74" in text and "62.00 +-" in text and "hard-pruned" in text
   assert "32.07" in text  # the reference's accuracy right after hard pruning
+
+
+def test_apgd_ce_t_is_the_headline_column_with_pgd10_beside_it():
+  # The offline default's own evaluation writes APGD-CE+T on the first 1000 into every stage.
+  def with_apgd(report, robust, examples=1000, label="apgd-ce+apgd-t"):
+    for rec in report["stages"].values():
+      rec.update({"final_attack": label, f"{label}_accuracy": robust,
+                  f"{label}_examples": examples, "test_examples": 10000})
+    return report
+  reports = [with_apgd(_report(0.70, 0.60, 0.30), 0.50), with_apgd(_report(0.72, 0.64, 0.40), 0.56)]
+  summary = rb.collect({"filter": reports}, reports)
+  assert summary["filter"]["retrain"]["apgd_ce_t"][0] == pytest.approx(53.0)
+  assert summary["pretrain"]["apgd_ce_t"][0] == pytest.approx(53.0)
+  header, *rows = rb.table(summary, [0, 1]).splitlines()[3:]
+  assert header.split()[2:5] == ["natural", "APGD-CE+T", "PGD-10"]
+  retrain = next(r for r in rows if r.startswith("filter") and "retrain" in r)
+  assert retrain.index("53.00 +- 4.24") < retrain.index("62.00 +- 2.83")  # APGD, then PGD-10
+  assert "filter 42.2" in rb.table(summary, [0, 1])   # the authors' seed-0 APGD-CE+T
+  # Another attack, or another number of examples, is not APGD-CE+T on the first 1000: '-'.
+  other = [with_apgd(_report(0.7, 0.6, 0.3), 0.4, examples=500), with_apgd(
+      _report(0.7, 0.6, 0.3), 0.4, label="autoattack")]
+  assert [rb.apgd_accuracy(r["stages"]["retrain"]) for r in other] == [None, None]
+  line = next(r for r in rb.table(rb.collect({"filter": other}, other), [0]).splitlines()
+              if r.startswith("filter") and "retrain" in r)
+  assert line.split()[5] == "-"   # scheme, stage, natural mean +- std, APGD-CE+T
