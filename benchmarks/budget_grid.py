@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import re
 import statistics
@@ -227,10 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   overrides = rb.parse_overrides(args.set)
-  logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                      format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-  for noisy in ("absl", "jax._src", "orbax", "etils"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  rb.setup_logging(quiet=args.quiet)
   workdir = os.path.abspath(args.workdir)
   import jax  # pylint: disable=import-outside-toplevel
   if jax.default_backend() == "cpu" and not args.no_malloc_tuning:

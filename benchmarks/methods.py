@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import statistics
@@ -144,10 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     raise SystemExit(f"error: --methods takes {', '.join(METHODS)}, got {args.methods!r}.")
   ratios = [_ratio(r) for r in args.ratios.split(",") if r]
   seeds = [int(s) for s in args.seeds.split(",") if s]
-  logging.basicConfig(level=logging.WARNING if args.json else logging.INFO,
-                      format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-  for noisy in ("absl", "jax._src", "orbax", "etils"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  rb.setup_logging(quiet=args.json)
   workdir = os.path.abspath(args.workdir)
   from admm_jax.app import cli  # pylint: disable=import-outside-toplevel
   from admm_jax.app.errors import UserError  # pylint: disable=import-outside-toplevel

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import sys
@@ -107,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--bits", default="32,8,4", help="32 = float")
   parser.add_argument("--no-export", action="store_true", help="train and attack only")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-  for noisy in ("absl", "jax._src", "orbax", "etils"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  rb.setup_logging()
   workdir = os.path.abspath(args.workdir)
   seeds = [int(s) for s in args.seeds.split(",")]
   bits_list = [None if int(b) == 32 else int(b) for b in args.bits.split(",")]

@@ -78,6 +78,16 @@ REFERENCE = {
 }
 
 
+def setup_logging(quiet: bool = False) -> None:
+  """Timestamped progress at INFO (WARNING when quiet), the libraries' chatter at WARNING
+  (the command line's `cli.setup_logging`)."""
+  from admm_jax.app import cli  # pylint: disable=import-outside-toplevel
+  logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  cli.setup_logging()
+  if quiet:
+    logging.getLogger().setLevel(logging.WARNING)
+
+
 def parse_overrides(items: list[str]) -> dict[str, object]:
   """['admm.rho=0.001', 'retrain.schedule=cosine'] -> {field: python value}."""
   out = {}
@@ -337,10 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     raise SystemExit(f"error: --schemes takes {', '.join(SCHEMES)} and --seeds at least one "
                      f"seed; got schemes {args.schemes!r}, seeds {args.seeds!r}.")
   overrides = parse_overrides(args.set)
-  logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                      format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-  for noisy in ("absl", "jax._src", "orbax", "etils"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  setup_logging(quiet=args.quiet)
   workdir = os.path.abspath(args.workdir)
   pretrained = os.path.abspath(args.pretrained or workdir)
   if args.validation_on_top:  # the setting of the search table and of the earlier numbers

@@ -34,13 +34,12 @@ import fnmatch
 import json
 import logging
 import os
-import re
 import time
 from typing import Any
 
 import jax
 
-from admm_jax.app import reliability, tensorboard_log
+from admm_jax.app import configlib, reliability, tensorboard_log
 from admm_jax.app.errors import UserError
 from admm_jax.app.stages import STAGES
 
@@ -55,7 +54,12 @@ FIRST_SHAPED = {"sparsity": "admm"}
 
 def _grid_before_the_field(stored: dict[str, Any]) -> str | None:
   """Before `<stage>.grid` existed, layers with bits stayed on their grid while retraining."""
-  return "train" if re.search(r":\d+b", str(stored.get("sparsity", ""))) else None
+  try:
+    rules = configlib.parse_sparsity(str(stored.get("sparsity", "")))
+  except configlib.ConfigError:   # a text that never ran a sparse stage: nothing it shaped
+    return None
+  # (kind, ratio[, bits, scale_mode][, "global"]): bits are the third field when there
+  return "train" if any(len(r) > 2 and isinstance(r[2], int) for r in rules.values()) else None
 
 
 # Fields added since workdirs were first made: what a stored config without them meant
