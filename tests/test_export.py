@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from admm_jax import compaction, graph, models, sparsity
-from admm_jax.app import checkpoint, configlib, data, export
+from admm_jax.app import configlib, data, export
 from model_variables import abstract_variables
 import fmnist
+import synthetic_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
@@ -273,25 +274,15 @@ def workdir(tmp_path_factory):
   """A finished (synthetic) run: LeNet(1) filter-pruned retrain output, a pretrain marker."""
   _fashion_mnist(1)
   root = tmp_path_factory.mktemp("run")
-  config = configlib.base_config()
-  config.model.width = 1
-  config.data.update(limit_train=64, validation_size=32, limit_test=48)
-  config.eval_batch_size = 32
-  config.attack.update(eval_steps=2)
-  config.sparsity = "conv1/kernel=filter:0.5,conv2/kernel=filter:0.5"
+  config = synthetic_run.export_config("conv1/kernel=filter:0.5,conv2/kernel=filter:0.5")
   model = models.get_model("lenet", 1)
   the_spec = sparsity.spec(configlib.parse_sparsity(config.sparsity))
   variables = _variables(model, (28, 28, 1), seed=7)
   params = compaction.apply_masks(variables["params"], compaction.spec_masks(variables["params"],
                                                                       the_spec))
-  with checkpoint.manager(str(root / "outputs" / "retrain"), 1) as mngr:
-    checkpoint.save(mngr, 0, {"params": params, "batch_stats": {}})
-  rep = sparsity.report(params, the_spec).to_dict()
-  for stage, extra in (("pretrain", {}), ("retrain", {"sparsity": rep})):
-    with open(root / "outputs" / f"{stage}.json", "w") as f:
-      json.dump({"natural_accuracy": 0.1, "adversarial_accuracy": 0.05, **extra}, f)
-  with open(root / "report.json", "w") as f:
-    json.dump({"config": json.loads(config.to_json_best_effort())}, f)
+  synthetic_run.write_stage(root, "retrain", params, the_spec)
+  synthetic_run.write_stage(root, "pretrain")
+  synthetic_run.write_report(root, config)
   return str(root)
 
 

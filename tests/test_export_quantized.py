@@ -1,6 +1,5 @@
 """The export of a k-bit run: packed codes, model.onnx checked by onnxruntime, and bad input
 (a layer off its grid) stopped in one sentence with nothing in --out."""
-import json
 import os
 import subprocess
 import sys
@@ -9,9 +8,10 @@ import numpy as np
 import pytest
 
 from admm_jax import compaction, deploy, models, sparsity
-from admm_jax.app import checkpoint, configlib, export
+from admm_jax.app import configlib, export
 from model_variables import random_variables
 import fmnist
+import synthetic_run
 
 if os.environ.get("CI") == "true":   # .ci/run installs the onnx extra: missing is a failure
   import onnxruntime as ort
@@ -21,34 +21,20 @@ SPARSITY = ("conv1/kernel=filter:0.5:4b,conv2/kernel=irregular:0.8:8b-layer,"
             "fc1/kernel=irregular:0.95:4b")
 
 
-def _write_stage(root, stage, params, the_spec):
-  with checkpoint.manager(str(root / "outputs" / stage), 1) as mngr:
-    checkpoint.save(mngr, 0, {"params": params, "batch_stats": {}})
-  with open(root / "outputs" / f"{stage}.json", "w") as f:
-    json.dump({"natural_accuracy": 0.1, "adversarial_accuracy": 0.05,
-               "sparsity": sparsity.report(params, the_spec).to_dict()}, f)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """A synthetic finished run: LeNet(1) on its sparse k-bit grids (retrain), and the same
   weights off the grid as the admm stage."""
   fmnist.require()
   root = tmp_path_factory.mktemp("qrun")
-  config = configlib.base_config()
-  config.model.width = 1
-  config.data.update(limit_train=64, validation_size=32, limit_test=48)
-  config.eval_batch_size = 32
-  config.attack.update(eval_steps=2)
-  config.sparsity = SPARSITY
+  config = synthetic_run.export_config(SPARSITY)
   the_spec = sparsity.spec(configlib.parse_sparsity(SPARSITY))
   variables = random_variables(models.get_model("lenet", 1), (1, 28, 28, 1), seed=4)
   on_grid, masks = sparsity.hard_prune(variables["params"], the_spec)
-  _write_stage(root, "retrain", on_grid, the_spec)
+  synthetic_run.write_stage(root, "retrain", on_grid, the_spec)
   off_grid = compaction.apply_masks(variables["params"], masks)
-  _write_stage(root, "admm", off_grid, the_spec)
-  with open(root / "report.json", "w") as f:
-    json.dump({"config": json.loads(config.to_json_best_effort())}, f)
+  synthetic_run.write_stage(root, "admm", off_grid, the_spec)
+  synthetic_run.write_report(root, config)
   return str(root)
 
 
