@@ -29,11 +29,12 @@ def _timed(fn) -> tuple[float, dict]:
   return time.perf_counter() - t0, result
 
 
-def measure(width: int, limit: int, steps: int, repeats: int) -> dict:
-  """{"apgd_ce": {"first_s", "pass_s", "examples"}, "pgd": the same, "devices"}."""
+def measure(width: int, limit: int, steps: int, repeats: int, **fields) -> dict:
+  """{"apgd_ce": {"first_s", "pass_s", "examples", "steps"}, "pgd": the same but steps,
+  "devices", "width"}; `fields` ({"data.validation_size": 64}) go on top of the config."""
   config = configlib.override(configlib.base_config(), {
       "model.width": width, "eval.select_by": "apgd-ce", "eval.select_limit": limit,
-      "eval.select_steps": steps, "stages": "pretrain"})
+      "eval.select_steps": steps, "stages": "pretrain", **fields})
   workdir = tempfile.mkdtemp(prefix="selection_cost_")
   try:
     ctx = context.make_context(config, workdir)

@@ -1,5 +1,5 @@
 """benchmarks/selection_agreement.py: which epoch PGD and APGD-CE pick, on hand-written
-metrics.jsonl records, and the command line on a workdir."""
+metrics.jsonl records, and the command line on a workdir; selection_cost.py on a tiny budget."""
 import json
 
 import selection_agreement as sa
@@ -52,3 +52,12 @@ def test_command_line_prints_per_stage_and_the_agreement(tmp_path, capsys):
   assert sa.main([str(tmp_path / "missing")]) == 2
   assert "metrics.jsonl does not exist" in capsys.readouterr().err
 
+
+
+def test_selection_cost_times_both_validation_passes():
+  import selection_cost  # pylint: disable=import-outside-toplevel
+  out = selection_cost.measure(width=1, limit=8, steps=1, repeats=1, **{
+      "data.validation_size": 64, "data.limit_train": 256, "eval_batch_size": 64})
+  assert (out["apgd_ce"]["examples"], out["apgd_ce"]["steps"], out["pgd"]["examples"]) == \
+      (8, 1, 64)
+  assert all(out[k]["first_s"] > 0 and out[k]["pass_s"] > 0 for k in ("apgd_ce", "pgd"))
