@@ -462,7 +462,8 @@ def test_apgd_ce_selection_outputs_the_epoch_best_under_apgd_ce(tmp_path, monkey
     return {"count": 64, "natural_accuracy": 1.0, "adversarial_accuracy": next(scripted)}
 
   monkeypatch.setattr(trainer.Context, "evaluate", evaluate)
-  config = tiny_config(stages="pretrain", **{"pretrain.epochs": 3, **APGD_SELECTION})
+  config = tiny_config(stages="pretrain", **{"pretrain.epochs": 3, "data.limit_train": 256,
+                                             **APGD_SELECTION})
   rec = trainer.train_and_evaluate(config, str(tmp_path))["stages"]["pretrain"]
   monkeypatch.undo()
   assert asked == [("validation", "apgd-ce", 3, 64)] * 3
