@@ -32,7 +32,8 @@ ACCEPTED = {
              "parallel.process_id", "scratch.epochs",         # process 0 / the others' total
              "inherited.epochs",                              # 0 = the others' total
              "*.momentum", "*.weight_decay", "*.warmup_epochs",
-             "eval.final_limit", "eval.sanity_limit"},            # all test examples / no checks
+             "eval.final_limit", "eval.sanity_limit",             # all test examples / no checks
+             "eval.select_limit"},                                # all validation examples
     "negative": {"parallel.process_id"},                      # -1 = detect
     "empty": {"*.lr_drop_epochs",                             # no drops
               "eval.final_attack"},                           # no evaluation after each stage

@@ -428,3 +428,98 @@ def test_k_bit_retrain_ends_on_its_grid_and_reports_the_projected_model(finished
   assert rec["val_adversarial_accuracy"] == pytest.approx(val["adversarial_accuracy"], abs=1e-6)
   test = ctx.evaluate(model, out["params"], out["batch_stats"], "test", ctx.key("test", "retrain"))
   assert rec["adversarial_accuracy"] == pytest.approx(test["adversarial_accuracy"], abs=1e-6)
+
+
+# ------------------------------------------ model selection under APGD-CE (eval.select_by)
+
+APGD_SELECTION = {"eval.select_by": "apgd-ce", "eval.select_limit": 64, "eval.select_steps": 3}
+
+
+def _metrics_lines(workdir, stage):
+  return [x for x in map(json.loads, open(workdir / "metrics.jsonl")) if x["stage"] == stage]
+
+
+def test_default_selection_is_pgd_and_measures_no_apgd_ce(finished_run):
+  workdir, report = finished_run
+  assert report["config"]["eval"]["select_by"] == "pgd"
+  assert report["stages"]["pretrain"]["selected"] == \
+      "epoch 1 (best validation adversarial accuracy)"
+  lines = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+  assert not any("val_apgd_ce_accuracy" in x for x in lines)
+  assert not any("val_apgd_ce_accuracy" in r for r in report["stages"].values())
+
+
+def test_apgd_ce_selection_outputs_the_epoch_best_under_apgd_ce(tmp_path, monkeypatch):
+  """A stubbed APGD-CE number per epoch (the PGD validation stays real): the stage outputs the
+  epoch the stub ranks first, and its record and metrics lines carry the numbers."""
+  scripted, asked = iter([0.25, 0.75, 0.5]), []
+  real_evaluate = trainer.Context.evaluate
+
+  def evaluate(self, model, params, batch_stats, split, key, *, attack=None, limit=0):
+    if attack is None:
+      return real_evaluate(self, model, params, batch_stats, split, key)
+    asked.append((split, attack.kind, attack.steps, limit))
+    return {"count": 64, "natural_accuracy": 1.0, "adversarial_accuracy": next(scripted)}
+
+  monkeypatch.setattr(trainer.Context, "evaluate", evaluate)
+  config = tiny_config(stages="pretrain", **{"pretrain.epochs": 3, "data.limit_train": 256,
+                                             **APGD_SELECTION})
+  rec = trainer.train_and_evaluate(config, str(tmp_path))["stages"]["pretrain"]
+  monkeypatch.undo()
+  assert asked == [("validation", "apgd-ce", 3, 64)] * 3
+  lines = _metrics_lines(tmp_path, "pretrain")
+  assert [x["val_apgd_ce_accuracy"] for x in lines] == [0.25, 0.75, 0.5]
+  assert rec["selected"] == "epoch 2 (best validation APGD-CE accuracy)"
+  assert (rec["val_apgd_ce_accuracy"], rec["val_apgd_ce_examples"]) == (0.75, 64)
+  assert rec["val_adversarial_accuracy"] == pytest.approx(lines[1]["val_adversarial_accuracy"],
+                                                          abs=1e-6)
+  # The saved output is epoch 2's model: its validation PGD, measured again, is epoch 2's line.
+  ctx = trainer.make_context(config, str(tmp_path))
+  model = ctx.model(config.model.width)
+  out = trainer.load_output(ctx, "pretrain", ctx.fresh_variables(model, "pretrain"))
+  val = ctx.evaluate(model, out["params"], out["batch_stats"], "validation",
+                     jax.random.fold_in(ctx.key("validation", "pretrain"), 1))
+  assert val["adversarial_accuracy"] == lines[1]["val_adversarial_accuracy"]
+  assert val["natural_accuracy"] == lines[1]["val_natural_accuracy"]
+
+
+@pytest.mark.slow   # ~15 s on 2 loaded cores: APGD-CE's compilation and a 2-epoch retrain
+def test_apgd_ce_selection_measures_the_k_bit_projected_output_again(finished_run, tmp_path):
+  """Real APGD-CE: each epoch's number in metrics.jsonl, the best one chosen, and the stage's
+  number re-measured on what is saved (the chosen epoch projected onto its k-bit sets)."""
+  source, _ = finished_run
+  config = tiny_config(stages="retrain", init_from=str(source), sparsity=(
+      "conv1/kernel=irregular:0.8:4b,conv2/kernel=irregular:0.947,"
+      "fc1/kernel=irregular:0.99:3b,fc2/kernel=irregular:0.93"),
+      **{"retrain.epochs": 2, **APGD_SELECTION})
+  rec = trainer.train_and_evaluate(config, str(tmp_path))["stages"]["retrain"]
+  apgd = [x["val_apgd_ce_accuracy"] for x in _metrics_lines(tmp_path, "retrain")]
+  assert len(apgd) == 2 and all(0 <= a <= 1 for a in apgd)
+  best = apgd.index(max(apgd))   # the first of equals, as the trainer's strict >
+  assert rec["selected"] == (f"epoch {best + 1} (best validation APGD-CE accuracy), then "
+                             "projected onto its sparse k-bit sets")
+  assert rec["before_grid_val_apgd_ce_accuracy"] == pytest.approx(apgd[best], abs=1e-6)
+  ctx = trainer.make_context(config, str(tmp_path))
+  model = ctx.model(config.model.width)
+  out = trainer.load_output(ctx, "retrain", ctx.fresh_variables(model, "pretrain"))
+  again = ctx.evaluate(model, out["params"], out["batch_stats"], "validation",
+                       ctx.key("select", "retrain", "finish"), attack=ctx.select_attack,
+                       limit=64)
+  assert again["count"] == 64
+  assert rec["val_apgd_ce_accuracy"] == pytest.approx(again["adversarial_accuracy"], abs=1e-6)
+
+
+def test_workdir_from_before_select_by_resumes_as_pgd(finished_run, tmp_path, caplog):
+  """config.json without eval.select_* (written before the fields existed): the default
+  config skips its finished stages; select_by="apgd-ce" would have chosen other epochs."""
+  old = _copy_without(finished_run[0], tmp_path / "old")
+  stored = json.loads((old / "config.json").read_text())
+  for field in ("select_by", "select_limit", "select_steps"):
+    del stored["config"]["eval"][field]
+  (old / "config.json").write_text(json.dumps(stored))
+  caplog.set_level(logging.INFO)
+  again = trainer.train_and_evaluate(tiny_config(), str(old))
+  assert len(_log_lines(caplog, "finished earlier")) == 3
+  assert again["stages"] == finished_run[1]["stages"]
+  message = _user_error(tiny_config(**{"eval.select_by": "apgd-ce"}), old)
+  assert "eval.select_by 'pgd' -> 'apgd-ce'" in message and "\n" not in message

@@ -27,6 +27,8 @@ def _begin(root, stage, finished):
     ("scores.init", ("scores", "finetune")),
     ("stages", ()), ("log_every_steps", ()), ("eval.final_attack", ()),
     ("eval.final_limit", ()), ("parallel.data_axis", ()), ("checkpoint_every_steps", ()),
+    ("eval.select_by", ("pretrain", "admm", "retrain", "scratch", "inherited", "scores",
+                        "finetune")),   # chooses each stage's output epoch
 ])
 def test_a_field_shapes_its_stage_and_the_later_ones(field, stages):
   assert workdir.shaped_stages(field) == stages

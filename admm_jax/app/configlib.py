@@ -23,6 +23,7 @@ GRID_STAGES = tuple(s for s in STAGES if STAGES[s].finish is not None)  # have a
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCORE_INITS = ("magnitude", "admm")   # scores.init: the weights the learned mask starts from
 SCHEDULES = ("constant", "cosine", "steps", "admm")
+SELECT_BY = ("pgd", "apgd-ce")   # eval.select_by: the attack the best epoch is chosen under
 LOCAL_DATASETS = ("mnist", "fashion_mnist")   # IDX files in data.dir; with data.dir='' any TFDS
 _TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[a-z0-9_.]+)?(:[0-9.*]+)?")  # image dataset by name
 MODELS = tuple(models.REGISTRY)   # the model registry's names
@@ -118,6 +119,13 @@ def base_config() -> ml_collections.ConfigDict:
       final_attack="",         # '' = off; else admm_jax.evaluate's --attack on each finished stage
       final_limit=1000,        # first N test examples it attacks (0 = all)
       sanity_limit=200,        # examples of its gradient-masking checks (0 = no checks)
+      # Which epoch a stage outputs: "pgd" = best validation accuracy under the eval PGD
+      # (attack.eval_steps); "apgd-ce" = best under APGD-CE (attack.eps, Linf, 1 restart) on
+      # the first select_limit validation examples, measured every epoch on top of PGD
+      # (PGD under-attacks masked models; docs/method.md, "Model selection under APGD-CE").
+      select_by="pgd",
+      select_limit=1000,       # apgd-ce: first N validation examples it attacks (0 = all)
+      select_steps=100,        # apgd-ce: iterations (AutoAttack's 100)
   ))
 
   c.log_every_steps = 200
@@ -305,6 +313,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"{', '.join(attacks.ATTACK_NAMES)}, or a comma-separated list of them")
   _positive_int(config, "eval.final_limit", zero_ok=True)
   _positive_int(config, "eval.sanity_limit", zero_ok=True)
+  if config.eval.select_by not in SELECT_BY:
+    _fail("eval.select_by", config.eval.select_by, "use 'pgd' (best validation accuracy under "
+          "the eval PGD) or 'apgd-ce' (under APGD-CE on eval.select_limit validation examples)")
+  _positive_int(config, "eval.select_limit", zero_ok=True)
+  _positive_int(config, "eval.select_steps", most=MAX_ATTACK_STEPS)
+  if config.eval.select_by == "apgd-ce" and config.data.validation_size == 0:
+    _fail("eval.select_by", config.eval.select_by, "it selects on validation examples and "
+          "data.validation_size=0 holds out none; set data.validation_size > 0 or use 'pgd'")
   _positive_int(config, "log_every_steps")
   _positive_int(config, "checkpoint_every_steps")
   _positive_int(config, "max_checkpoints")

@@ -5,6 +5,7 @@ devices, the keys (`Context`, built by `make_context`), and reading a finished s
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zlib
 
@@ -39,6 +40,10 @@ class Context:
     self.train_attack = train.Attack(a.kind, a.eps, a.step_size, a.steps, a.random_start)
     self.eval_attack = train.Attack("pgd", a.eps, a.eval_step_size, a.eval_steps, True)
     self.objective = train.Objective(a.objective, a.beta)
+    # config.eval.select_by="apgd-ce": the attack the best epoch is chosen under (else None).
+    self.select_attack = (train.Attack("apgd-ce", a.eps, a.eval_step_size,
+                                       config.eval.select_steps)
+                          if config.eval.select_by == "apgd-ce" else None)
     self.spec = (sparsity.spec(configlib.parse_sparsity(config.sparsity))
                  if any(stages.STAGES[s].sparse for s in configlib.stages(config)) else None)
     self._eval_steps = {}
@@ -59,27 +64,38 @@ class Context:
   def steps_per_epoch(self) -> int:
     return data.steps_per_epoch(len(self.dataset.train), self.config.batch_size)
 
-  def eval_step(self, model):
-    """One jitted eval step per model (its compilation is reused across stages)."""
-    key = (model.width,)
+  def eval_step(self, model, attack: train.Attack | None = None):
+    """One jitted eval step per (model width, attack) (its compilation is reused across
+    stages); `attack` defaults to the eval PGD."""
+    attack = attack or self.eval_attack
+    key = (model.width, attack)
     if key not in self._eval_steps:
       rt = self.runtime
       self._eval_steps[key] = train.jit_eval_step(
-          model, self.eval_attack, in_shardings=(rt.replicated, rt.replicated, rt.data,
-                                                 rt.replicated),
+          model, attack, in_shardings=(rt.replicated, rt.replicated, rt.data, rt.replicated),
           out_shardings=rt.replicated)
     return self._eval_steps[key]
 
-  def evaluate(self, model, params, batch_stats, split: str, key: jax.Array) -> dict[str, float]:
+  def evaluate(self, model, params, batch_stats, split: str, key: jax.Array, *,
+               attack: train.Attack | None = None, limit: int = 0) -> dict[str, float]:
+    """Natural and adversarial accuracy on `split` under `attack` (default: the eval PGD),
+    on its first `limit` examples (0: all)."""
     examples = getattr(self.dataset, split)
+    batch_size = self.config.eval_batch_size
+    if 0 < limit < len(examples):
+      examples = data.Examples(examples.source, examples.positions[:limit])
+      # A subset smaller than a batch in one batch of about its size, not padded to the
+      # whole eval batch (one shape per run all the same: one compilation).
+      n = math.lcm(self.runtime.num_devices, jax.process_count())  # check_batch's rule
+      batch_size = min(batch_size, -(-limit // n) * n)
     if len(examples) == 0:
       return {"count": 0, "natural_accuracy": float("nan"), "adversarial_accuracy": float("nan")}
-    batches = data.epoch_batches(examples, self.config.eval_batch_size, seed=0, epoch=0,
+    batches = data.epoch_batches(examples, batch_size, seed=0, epoch=0,
                                  shuffle=False, drop_remainder=False,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
     with data.prefetch(batches) as it:
-      return train.evaluate(self.eval_step(model), params, batch_stats,
+      return train.evaluate(self.eval_step(model, attack), params, batch_stats,
                             map(self.runtime.global_batch, it), key)
 
 

@@ -56,8 +56,9 @@ class Stage:
     input: the stage whose output it needs (from this workdir or config.init_from), or a
       function config -> that stage (`input_of`); None starts from a fresh init only.
     input_use: how it uses that output, for the error when the output is missing.
-    selects_best: its output is the epoch with the best validation adversarial accuracy;
-      otherwise its last iterate.
+    selects_best: its output is the epoch with the best validation adversarial accuracy
+      (under the eval PGD, or APGD-CE with config.eval.select_by="apgd-ce"); otherwise its
+      last iterate.
     start_label: evaluate the starting point on validation and test before the first step
       and report it as `<start_label>_{val,test}_{natural,adversarial}_accuracy`.
     sparse: trains toward or within `config.sparsity`: needs the spec, reports sparsity.

@@ -30,6 +30,7 @@ SCALAR_FIELDS = {"train_adversarial_loss": "epoch/train_adversarial_loss",
                  "train_adversarial_accuracy": "epoch/train_adversarial_accuracy",
                  "val_natural_accuracy": "validation/natural_accuracy",
                  "val_adversarial_accuracy": "validation/adversarial_accuracy",
+                 "val_apgd_ce_accuracy": "validation/apgd_ce_accuracy",   # eval.select_by
                  "admm_rho": "admm/rho"}
 
 

@@ -33,6 +33,7 @@ from admm_jax import attacks, losses
 Metrics = dict[str, jax.Array]
 
 ATTACK_LOSSES = ("ce", "kl")
+ATTACK_KINDS = ("pgd", "fgsm", "none", "apgd-ce")
 # TRADES starts its KL attack this close to x: at x itself the KL term's gradient is zero.
 KL_START_STD = 1e-3
 
@@ -47,7 +48,9 @@ class TrainState(struct.PyTreeNode):
 
 @dataclasses.dataclass(frozen=True)
 class Attack:
-  """An Linf attack: "pgd" (PGD with `steps` steps), "fgsm" (FGSM, random start) or "none"."""
+  """An Linf attack: "pgd" (PGD with `steps` steps), "fgsm" (FGSM, random start), "none", or
+  "apgd-ce" (`attacks.apgd` on the cross-entropy, `steps` iterations, one restart; it sets its
+  own step sizes and always starts at random: model selection only, config.eval.select_by)."""
   kind: str = "pgd"
   eps: float = 0.1
   step_size: float = 0.01
@@ -55,8 +58,9 @@ class Attack:
   random_start: bool = True
 
   def __post_init__(self):
-    if self.kind not in ("pgd", "fgsm", "none"):
-      raise ValueError(f"attack kind {self.kind!r} is unknown: use 'pgd', 'fgsm' or 'none'.")
+    if self.kind not in ATTACK_KINDS:
+      raise ValueError(f"attack kind {self.kind!r} is unknown: use 'pgd', 'fgsm', 'none' or "
+                       "'apgd-ce'.")
 
   def __call__(self, apply_fn, params, x, y, key, loss: str = "ce"):
     """Adversarial inputs for (x, y).
@@ -70,6 +74,11 @@ class Attack:
       raise ValueError(f"attack loss {loss!r} is unknown: use 'ce' or 'kl'.")
     if self.kind == "none" or self.eps == 0:
       return x
+    if self.kind == "apgd-ce":
+      if loss != "ce":
+        raise ValueError("attack kind 'apgd-ce' maximizes the cross-entropy: use loss 'ce'.")
+      return attacks.apgd(apply_fn, params, x, y, key, eps=self.eps, norm="linf", loss="ce",
+                          steps=self.steps, restarts=1)
     if loss == "kl":
       # Targets are the clean logits; the attacks detach them.
       target, loss_fn = apply_fn(params, x), _kl_from_clean_sum

@@ -62,10 +62,12 @@ def stage_setup(ctx: Context, stage: stages.Stage
 # ------------------------------------------------------------------ the loop's state
 
 class Best(struct.PyTreeNode):
-  """The best epoch so far on validation adversarial accuracy."""
+  """The best epoch so far on the selection metric (config.eval.select_by)."""
   params: Any
   batch_stats: Any
-  metric: jax.Array   # float32 its validation adversarial accuracy; -1 before the first epoch
+  # float32 its validation accuracy under the selection attack (PGD's adversarial accuracy, or
+  # APGD-CE's with select_by="apgd-ce"); -1 before the first epoch
+  metric: jax.Array
   epoch: jax.Array    # int32 0-based; -1: none yet
   val: jax.Array      # (2,) float32 its validation (natural, adversarial) accuracy
 
@@ -237,6 +239,26 @@ def _chance_warnings(ctx: Context, stage: str, val: np.ndarray, test: dict) -> l
   return reliability.chance_warnings(stage, acc, ctx.dataset.num_classes, n, ctx.config[stage].lr)
 
 
+# config.eval.select_by -> what the stage record's `selected` says the epoch was best on.
+SELECTED_ON = {"pgd": "best validation adversarial accuracy",
+               "apgd-ce": "best validation APGD-CE accuracy"}
+
+
+def _selects_on_apgd(ctx: Context, stage: stages.Stage) -> bool:
+  """Whether `stage` measures validation APGD-CE to choose its epoch (stages that output
+  their last iterate, and runs without validation examples, never select on it)."""
+  return (stage.selects_best and ctx.select_attack is not None
+          and len(ctx.dataset.validation) > 0)
+
+
+def _apgd_ce_validation(ctx: Context, model, params, batch_stats, key: jax.Array
+                        ) -> dict[str, float]:
+  """APGD-CE on the first config.eval.select_limit validation examples (its
+  adversarial_accuracy is the selection metric)."""
+  return ctx.evaluate(model, params, batch_stats, "validation", key, attack=ctx.select_attack,
+                      limit=ctx.config.eval.select_limit)
+
+
 def _end_epoch(ctx: Context, stage: stages.Stage, model, loop: LoopState, epoch: int,
                elapsed: float) -> LoopState:
   """Validation, model selection and the epoch's metrics line; resets the running sums."""
@@ -250,6 +272,10 @@ def _end_epoch(ctx: Context, stage: stages.Stage, model, loop: LoopState, epoch:
   record.update({f"val_{k}": v for k, v in val.items() if k != "count"})
   best = loop.best
   metric = val["adversarial_accuracy"] if val["count"] else float(epoch)  # no validation: last
+  if _selects_on_apgd(ctx, stage):
+    apgd = _apgd_ce_validation(ctx, model, state.params, state.batch_stats,
+                               jax.random.fold_in(ctx.key("select", stage.name), epoch))
+    metric = record["val_apgd_ce_accuracy"] = apgd["adversarial_accuracy"]
   if stage.selects_best and metric > float(best.metric):
     best = Best(params=_copy(state.params), batch_stats=_copy(state.batch_stats),
                 metric=jnp.asarray(metric, jnp.float32), epoch=jnp.asarray(epoch, jnp.int32),
@@ -266,9 +292,11 @@ def _end_epoch(ctx: Context, stage: stages.Stage, model, loop: LoopState, epoch:
     record["sparsity"] = {k: layer.zero_fraction for k, layer in layers.items()}
   record["elapsed_s"] = round(elapsed, 2)
   ctx.metrics.write(record)
-  logging.info("%s epoch %d: train adv acc %.4f | val natural %.4f adversarial %.4f%s",
+  logging.info("%s epoch %d: train adv acc %.4f | val natural %.4f adversarial %.4f%s%s",
                stage.name, epoch + 1, record["train_adversarial_accuracy"],
                val["natural_accuracy"], val["adversarial_accuracy"],
+               f" APGD-CE {record['val_apgd_ce_accuracy']:.4f}"
+               if "val_apgd_ce_accuracy" in record else "",
                f" | rho {record['admm_rho']:.3g} max ||W-Z|| "
                f"{max(record['admm_primal_residual'].values()):.4g}" if admm_state else "")
   return ctx.runtime.replicate(loop.replace(best=best, epoch_metrics=_zero_metrics(),
@@ -276,10 +304,11 @@ def _end_epoch(ctx: Context, stage: stages.Stage, model, loop: LoopState, epoch:
                                             elapsed=jnp.asarray(elapsed, jnp.float32)))
 
 
-def _output(stage: stages.Stage, loop: LoopState) -> tuple[Any, Any, str, np.ndarray]:
+def _output(stage: stages.Stage, loop: LoopState, select_by: str = "pgd"
+            ) -> tuple[Any, Any, str, np.ndarray]:
   """(params, batch_stats, which epoch, its validation accuracies) of the stage's output."""
   if stage.selects_best and int(loop.best.epoch) >= 0:
-    chosen = f"epoch {int(loop.best.epoch) + 1} (best validation adversarial accuracy)"
+    chosen = f"epoch {int(loop.best.epoch) + 1} ({SELECTED_ON[select_by]})"
     return loop.best.params, loop.best.batch_stats, chosen, jax.device_get(loop.best.val)
   state = loop.train
   return state.params, state.batch_stats, "last epoch", jax.device_get(loop.last_val)
@@ -289,7 +318,10 @@ def _finish_stage(ctx: Context, stage: stages.Stage, model, loop: LoopState,
                   paths: StagePaths, t_start: float) -> dict[str, Any]:
   """Tests and saves the stage's output, then writes its record (the stage is finished)."""
   state = loop.train
-  params, batch_stats, chosen, val = _output(stage, loop)
+  params, batch_stats, chosen, val = _output(stage, loop, ctx.config.eval.select_by)
+  # The chosen epoch's APGD-CE validation accuracy: its selection metric.
+  apgd = ({"val_apgd_ce_accuracy": float(loop.best.metric)}
+          if _selects_on_apgd(ctx, stage) and int(loop.best.epoch) >= 0 else {})
   before_finish = None
   if stage.finish is not None:
     finished = stage.finish(ctx.config, ctx.spec, params)
@@ -298,6 +330,11 @@ def _finish_stage(ctx: Context, stage: stages.Stage, model, loop: LoopState,
       val = _accuracy_pair(ctx.evaluate(model, params, batch_stats, "validation",
                                         ctx.key("validation", stage.name, "finish")))
       chosen += ", then projected onto its sparse k-bit sets"
+      if apgd:   # the APGD-CE number too is of the projected model
+        apgd = {"before_grid_val_apgd_ce_accuracy": apgd["val_apgd_ce_accuracy"],
+                "val_apgd_ce_accuracy": _apgd_ce_validation(
+                    ctx, model, params, batch_stats,
+                    ctx.key("select", stage.name, "finish"))["adversarial_accuracy"]}
   test = ctx.evaluate(model, params, batch_stats, "test", ctx.key("test", stage.name))
   # Reuses or replaces what a run stopped before the marker left behind (crash-consistent).
   checkpoint.save_output(paths.output, {"params": params, "batch_stats": batch_stats})
@@ -310,6 +347,10 @@ def _finish_stage(ctx: Context, stage: stages.Stage, model, loop: LoopState,
             **reports.accuracy_fields("val", val)}
   if before_finish is not None:
     record.update(reports.accuracy_fields("before_grid_val", before_finish))
+  if apgd:
+    record.update({k: round(v, 6) for k, v in apgd.items()})
+    record["val_apgd_ce_examples"] = min(ctx.config.eval.select_limit or len(
+        ctx.dataset.validation), len(ctx.dataset.validation))
   if stage.start_label is not None:
     record.update(reports.accuracy_fields(f"{stage.start_label}_val",
                                           jax.device_get(loop.start_val)))

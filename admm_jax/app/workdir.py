@@ -20,8 +20,11 @@ which stage:
   * fields in NO_RESULT_FIELDS shape no result: `stages` (a stage's numbers come from its own
     block, the shared fields and its input stage's output, not from the list: appending a
     stage is fine), logging and checkpoint intervals (a resumed run ends with the same
-    numbers), `eval.*` (the evaluation hook keeps its own settings per result) and
-    `parallel.*` (the mesh; recorded in report.json's devices) and `data.tfds_dir`;
+    numbers), `eval.final_*` and `eval.sanity_limit` (the evaluation hook keeps its own
+    settings per result), `parallel.*` (the mesh; recorded in report.json's devices) and
+    `data.tfds_dir`; `eval.select_by` does shape results (it chooses each stage's output
+    epoch), `eval.select_limit` and `eval.select_steps` only under select_by="apgd-ce"
+    (ONLY_WHEN);
   * a field of a stage's own block (`admm.rho`) shapes that stage and every stage after it
     in the stage order; `sparsity` shapes the stages from admm on;
   * every other field (seed, data, model, attack, batch sizes, init_from...) shapes every stage.
@@ -46,7 +49,10 @@ from admm_jax.app.stages import STAGES
 CONFIG_FILE = "config.json"
 # Fields (fnmatch patterns over dotted names) that shape no result: see the module docstring.
 NO_RESULT_FIELDS = ("stages", "log_every_steps", "checkpoint_every_steps", "max_checkpoints",
-                    "eval.*", "parallel.*", "data.tfds_dir")
+                    "eval.final_*", "eval.sanity_*", "parallel.*", "data.tfds_dir")
+# Fields that shape results only while another field has a value: {field: (that field, value)}.
+ONLY_WHEN = {"eval.select_limit": ("eval.select_by", "apgd-ce"),
+             "eval.select_steps": ("eval.select_by", "apgd-ce")}
 # Shared fields that shape only the stages from the named one on.
 FIRST_SHAPED = {"sparsity": "admm"}
 
@@ -65,7 +71,9 @@ def _grid_before_the_field(stored: dict[str, Any]) -> str | None:
 # Fields added since workdirs were first made: what a stored config without them meant
 # (None: nothing that the field changes), so that a default that changed behaviour is a change.
 ADDED_FIELDS = {"retrain.grid": _grid_before_the_field,
-                "inherited.grid": _grid_before_the_field}
+                "inherited.grid": _grid_before_the_field,
+                # Before eval.select_by existed every stage selected on the eval PGD.
+                "eval.select_by": lambda stored: "pgd"}
 
 # A crash or a full disk never leaves half a file; the disk's errors are one sentence.
 write_json_atomic = reliability.write_json_atomic
@@ -266,6 +274,10 @@ def check_config(workdir: str, config: Any, defaults: Any = None) -> dict[str, l
   for field, meaning in ADDED_FIELDS.items():
     if field not in old and meaning(old) is not None:
       old[field] = meaning(old)
+  for flat in (old, new):   # a field that shapes nothing under its switch's value: no change
+    for field, (switch, value) in ONLY_WHEN.items():
+      if flat.get(switch) != value:
+        flat.pop(field, None)
   changes = {f: [old.get(f), new.get(f)] for f in sorted(set(old) | set(new))
              if f in old and f in new and old[f] != new[f]}
   begun = begun_stages(workdir)
