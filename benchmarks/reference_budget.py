@@ -180,7 +180,8 @@ def run_cell(config, workdir: str) -> tuple[dict, float]:
   try:
     report = trainer.train_and_evaluate(config, workdir)
   except BaseException:
-    write_json_atomic(path, {"wall_time_s": spent + time.time() - t0, "finished": False})
+    if os.path.isdir(workdir):   # a refused config made no folder: its error is the news
+      write_json_atomic(path, {"wall_time_s": spent + time.time() - t0, "finished": False})
     raise
   wall = spent + time.time() - t0
   write_json_atomic(path, {"wall_time_s": wall, "finished": True})

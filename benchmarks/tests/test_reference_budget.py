@@ -54,6 +54,16 @@ def test_a_cell_finished_under_another_config_stops_the_benchmark_before_any_wor
   assert sorted(p.name for p in tmp_path.iterdir()) == ["s0"]   # nothing ran, no summary
 
 
+def test_a_cell_whose_config_is_refused_raises_that_error_and_leaves_no_folder(tmp_path):
+  from admm_jax.app.errors import UserError
+  config = rb.make_config(0, {"admm.rho": -1.0}, stages="admm,retrain",
+                          sparsity=rb.SCHEMES["irregular"])
+  cell = tmp_path / "s0" / "irregular"
+  with pytest.raises(UserError, match="admm.rho"):
+    rb.run_cell(config, str(cell))
+  assert not cell.exists()
+
+
 def test_bad_override_is_one_sentence():
   with pytest.raises(SystemExit, match="not field=value"):
     rb.parse_overrides(["admm.rho"])
