@@ -451,8 +451,9 @@ def test_default_selection_is_pgd_and_measures_no_apgd_ce(finished_run):
 
 def test_apgd_ce_selection_outputs_the_epoch_best_under_apgd_ce(tmp_path, monkeypatch):
   """A stubbed APGD-CE number per epoch (the PGD validation stays real): the stage outputs the
-  epoch the stub ranks first, and its record and metrics lines carry the numbers."""
-  scripted, asked = iter([0.25, 0.75, 0.5]), []
+  epoch the stub ranks first (a tie keeps the earlier epoch, also where the number is not a
+  float32: 0.7 is stored as 0.69999999), and its record and metrics lines carry the numbers."""
+  scripted, asked = iter([0.25, 0.7, 0.7]), []
   real_evaluate = trainer.Context.evaluate
 
   def evaluate(self, model, params, batch_stats, split, key, *, attack=None, limit=0):
@@ -468,9 +469,9 @@ def test_apgd_ce_selection_outputs_the_epoch_best_under_apgd_ce(tmp_path, monkey
   monkeypatch.undo()
   assert asked == [("validation", "apgd-ce", 3, 64)] * 3
   lines = _metrics_lines(tmp_path, "pretrain")
-  assert [x["val_apgd_ce_accuracy"] for x in lines] == [0.25, 0.75, 0.5]
+  assert [x["val_apgd_ce_accuracy"] for x in lines] == [0.25, 0.7, 0.7]
   assert rec["selected"] == "epoch 2 (best validation APGD-CE accuracy)"
-  assert (rec["val_apgd_ce_accuracy"], rec["val_apgd_ce_examples"]) == (0.75, 64)
+  assert (rec["val_apgd_ce_accuracy"], rec["val_apgd_ce_examples"]) == (0.7, 64)
   assert rec["val_adversarial_accuracy"] == pytest.approx(lines[1]["val_adversarial_accuracy"],
                                                           abs=1e-6)
   # The saved output is epoch 2's model: its validation PGD, measured again, is epoch 2's line.

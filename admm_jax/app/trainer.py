@@ -276,7 +276,8 @@ def _end_epoch(ctx: Context, stage: stages.Stage, model, loop: LoopState, epoch:
     apgd = _apgd_ce_validation(ctx, model, state.params, state.batch_stats,
                                jax.random.fold_in(ctx.key("select", stage.name), epoch))
     metric = record["val_apgd_ce_accuracy"] = apgd["adversarial_accuracy"]
-  if stage.selects_best and metric > float(best.metric):
+  # Compared in float32, as stored: a tie keeps the earlier epoch, whatever the rounding.
+  if stage.selects_best and np.float32(metric) > np.float32(best.metric):
     best = Best(params=_copy(state.params), batch_stats=_copy(state.batch_stats),
                 metric=jnp.asarray(metric, jnp.float32), epoch=jnp.asarray(epoch, jnp.int32),
                 val=_accuracy_pair(val))
