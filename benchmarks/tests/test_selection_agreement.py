@@ -60,4 +60,6 @@ def test_selection_cost_times_both_validation_passes():
       "data.validation_size": 64, "data.limit_train": 256, "eval_batch_size": 64})
   assert (out["apgd_ce"]["examples"], out["apgd_ce"]["steps"], out["pgd"]["examples"]) == \
       (8, 1, 64)
-  assert all(out[k]["first_s"] > 0 and out[k]["pass_s"] > 0 for k in ("apgd_ce", "pgd"))
+  # Times only (a benchmark, not a timed test): rounded to 0.01 s, a tiny pass may show 0.0.
+  assert all(isinstance(out[k][t], float) and out[k][t] >= 0
+             for k in ("apgd_ce", "pgd") for t in ("first_s", "pass_s"))
