@@ -5,7 +5,6 @@ devices, the keys (`Context`, built by `make_context`), and reading a finished s
 from __future__ import annotations
 
 import logging
-import math
 import os
 import zlib
 
@@ -86,7 +85,7 @@ class Context:
       examples = data.Examples(examples.source, examples.positions[:limit])
       # A subset smaller than a batch in one batch of about its size, not padded to the
       # whole eval batch (one shape per run all the same: one compilation).
-      n = math.lcm(self.runtime.num_devices, jax.process_count())  # check_batch's rule
+      n = self.runtime.batch_multiple
       batch_size = min(batch_size, -(-limit // n) * n)
     if len(examples) == 0:
       return {"count": 0, "natural_accuracy": float("nan"), "adversarial_accuracy": float("nan")}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Any
 
@@ -76,6 +77,11 @@ class Runtime:
   def is_writer(self) -> bool:
     """Only process 0 writes reports and metrics files (orbax coordinates checkpoints)."""
     return is_writer()
+
+  @property
+  def batch_multiple(self) -> int:
+    """The smallest global batch that splits evenly over the devices and the processes."""
+    return math.lcm(self.num_devices, jax.process_count())
 
   def check_batch(self, batch_size: int, field: str = "batch_size") -> None:
     """A global batch must split evenly over the devices and over the processes.
