@@ -19,21 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any, Iterable
 
+from admm_jax.app import plot
+
 PGD = "val_adversarial_accuracy"
 APGD_CE = "val_apgd_ce_accuracy"
-
-
-def _first_best(lines: list[dict[str, Any]], key: str) -> dict[str, Any]:
-  """The line with the highest `key`, the first of equals (the trainer's strict `>`)."""
-  best = lines[0]
-  for line in lines[1:]:
-    if line[key] > best[key]:
-      best = line
-  return best
 
 
 def selection_epochs(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -58,7 +50,9 @@ def selection_epochs(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, A
   out = {}
   for stage, epochs in by_stage.items():
     lines = [epochs[e] for e in sorted(epochs)]
-    picks = {name: _first_best(lines, key) for name, key in (("pgd", PGD), ("apgd_ce", APGD_CE))}
+    # max keeps the first of equals, as the trainer keeps the earlier epoch on a tie.
+    picks = {name: max(lines, key=lambda line, k=key: line[k])
+             for name, key in (("pgd", PGD), ("apgd_ce", APGD_CE))}
     out[stage] = {"epochs": len(lines), "pgd_epoch": picks["pgd"]["epoch"],
                   "apgd_ce_epoch": picks["apgd_ce"]["epoch"],
                   "agree": picks["pgd"]["epoch"] == picks["apgd_ce"]["epoch"],
@@ -67,27 +61,14 @@ def selection_epochs(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, A
   return out
 
 
-class WorkdirError(ValueError):
-  """A WORKDIR without metrics.jsonl; one sentence."""
-
-
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The epoch lines of `workdir`/metrics.jsonl."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    raise WorkdirError(f"{path} does not exist: point at the workdir of a run.")
-  with open(path) as f:
-    return [json.loads(x) for x in f if x.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("workdirs", nargs="+", metavar="WORKDIR")
   parser.add_argument("--json", action="store_true", help="one JSON line per workdir and stage")
   args = parser.parse_args(argv)
   try:
-    runs = {w: selection_epochs(read_metrics(w)) for w in args.workdirs}
-  except WorkdirError as e:
+    runs = {w: selection_epochs(plot.read_metrics(w)) for w in args.workdirs}
+  except plot.PlotError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   agree = total = 0
