@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import logging
 import os
 import statistics
@@ -279,7 +280,7 @@ def _data_line(sizes: dict | None) -> str:
 
 def _apgd(row: dict) -> str:
   pair = row.get("apgd_ce_t", (float("nan"), float("nan")))
-  return "-" if pair[0] != pair[0] else _fmt(pair)  # nan: the runs measured no APGD-CE+T
+  return "-" if math.isnan(pair[0]) else _fmt(pair)  # nan: the runs measured no APGD-CE+T
 
 
 def table(summary: dict, seeds: list[int]) -> str:
